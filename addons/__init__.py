@@ -1,0 +1,1 @@
+"""mitmproxy addons for stagedoor: thin translations between flows and the core."""

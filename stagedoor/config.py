@@ -1,0 +1,214 @@
+"""Backstage-style app-config: layered YAML files with ``${VAR}`` substitution.
+
+Semantics (see SPEC.md, "Config"):
+
+- Files are read in order; a later file overrides an earlier one key by key (mappings merge,
+  everything else is replaced).
+- A string ``${VAR}`` is replaced by the environment variable ``VAR``; ``$${VAR}`` is the
+  literal text ``${VAR}``. If a variable is unset, the key is left without a value.
+- Reading a required key that has no value raises :class:`MissingConfigError`, whose message
+  names the key and the file that declares it (or the last file given, if none does).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_ENV_REF = re.compile(r"\$(\$?)\{([^}]*)\}")
+_MISSING = object()
+
+
+class ConfigError(Exception):
+    """A config file cannot be read or a value has the wrong type."""
+
+
+class MissingConfigError(ConfigError):
+    """A required config key has no value."""
+
+    def __init__(self, key: str, file: str) -> None:
+        super().__init__(f"Missing required config value at '{key}' in '{file}'")
+        self.key = key
+        self.file = file
+
+
+def substitute_env(text: str, env: Mapping[str, str]) -> str | None:
+    """Apply ``${VAR}`` / ``$${VAR}`` substitution; None when a referenced variable is unset."""
+    missing = False
+
+    def replace(match: re.Match[str]) -> str:
+        nonlocal missing
+        escaped, name = match.group(1), match.group(2)
+        if escaped:
+            return "${" + name + "}"
+        value = env.get(name.strip())
+        if value is None:
+            missing = True
+            return ""
+        return value
+
+    result = _ENV_REF.sub(replace, text)
+    return None if missing else result
+
+
+@dataclass
+class Config:
+    """The merged configuration and, for every key path, the file that declared it last."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
+    files: tuple[str, ...] = ()
+
+    # -- reading -------------------------------------------------------------------------------
+    def _lookup(self, key: str) -> Any:
+        node: Any = self.data
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return _MISSING
+            node = node[part]
+        return _MISSING if node is None else node
+
+    def _origin(self, key: str) -> str:
+        parts = key.split(".")
+        for end in range(len(parts), 0, -1):
+            origin = self.origins.get(".".join(parts[:end]))
+            if origin:
+                return origin
+        return self.files[-1] if self.files else "<no config file>"
+
+    def has(self, key: str) -> bool:
+        return self._lookup(key) is not _MISSING
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self._lookup(key)
+        return default if value is _MISSING else value
+
+    def require(self, key: str) -> Any:
+        value = self._lookup(key)
+        if value is _MISSING:
+            raise MissingConfigError(key, self._origin(key))
+        return value
+
+    def get_string(self, key: str, default: str | None = None) -> str | None:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        if isinstance(value, dict | list):
+            raise ConfigError(f"Invalid type in config for key '{key}' in '{self._origin(key)}', "
+                              f"got {type(value).__name__}, wanted string")
+        return str(value)
+
+    def require_string(self, key: str) -> str:
+        self.require(key)
+        value = self.get_string(key)
+        assert value is not None
+        return value
+
+    def get_number(self, key: str, default: float) -> float:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"Invalid type in config for key '{key}' in '{self._origin(key)}', "
+                              f"got {value!r}, wanted a number") from None
+
+    def get_bool(self, key: str, default: bool) -> bool:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "1", "on"):
+            return True
+        if text in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"Invalid type in config for key '{key}' in '{self._origin(key)}', "
+                          f"got {value!r}, wanted a boolean")
+
+    def get_list(self, key: str) -> list[Any]:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            return []
+        if not isinstance(value, list):
+            raise ConfigError(f"Invalid type in config for key '{key}' in '{self._origin(key)}', "
+                              f"got {type(value).__name__}, wanted a list")
+        return value
+
+    def get_mapping(self, key: str) -> dict[str, Any]:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"Invalid type in config for key '{key}' in '{self._origin(key)}', "
+                              f"got {type(value).__name__}, wanted a mapping")
+        return value
+
+
+def _substituted(value: Any, env: Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+        return substitute_env(value, env)
+    if isinstance(value, list):
+        return [_substituted(item, env) for item in value]
+    if isinstance(value, dict):
+        return {str(k): _substituted(v, env) for k, v in value.items()}
+    return value
+
+
+def _merge(target: dict[str, Any], overlay: dict[str, Any], origins: dict[str, str],
+           file: str, prefix: str = "") -> None:
+    for key, value in overlay.items():
+        path = f"{prefix}{key}"
+        if value is None:
+            # An unset ${VAR} (or an empty key) leaves the key without a value: it does not
+            # erase what an earlier file gave, but it does say which file declares the key.
+            origins.setdefault(path, file)
+            target.setdefault(key, None)
+            continue
+        origins[path] = file
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value, origins, file, path + ".")
+        else:
+            target[key] = value
+            if isinstance(value, dict):
+                _record_origins(value, origins, file, path + ".")
+
+
+def _record_origins(value: dict[str, Any], origins: dict[str, str], file: str, prefix: str) -> None:
+    for key, child in value.items():
+        origins[f"{prefix}{key}"] = file
+        if isinstance(child, dict):
+            _record_origins(child, origins, file, f"{prefix}{key}.")
+
+
+def load_config(files: list[str | Path], env: Mapping[str, str] | None = None) -> Config:
+    """Read and merge config files in order. Raises :class:`ConfigError` naming the file."""
+    environ = os.environ if env is None else env
+    config = Config(files=tuple(str(f) for f in files))
+    for file in files:
+        name = str(file)
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"Cannot read config file '{name}': {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{name}:{mark.line + 1}" if mark else name
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+        if loaded is None:
+            continue
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{name}:1: a config file must be a mapping at the top level")
+        _merge(config.data, _substituted(loaded, environ), config.origins, name)
+    return config

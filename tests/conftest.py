@@ -1,0 +1,237 @@
+"""Real parts for end-to-end tests: upstream HTTP servers and a stagedoor process, all on
+127.0.0.1 with ephemeral ports, each bounded in time and stopped by the fixture."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import selectors
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- upstreams -------------------------------------------------------------------------------------
+@dataclass
+class SeenRequest:
+    method: str
+    path: str
+    headers: dict[str, list[str]]
+    body: bytes
+
+
+class RecordingServer(ThreadingHTTPServer):
+    """An upstream that records every request and answers per ``mode``."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, mode: str = "json") -> None:
+        super().__init__(("127.0.0.1", 0), _RecordingHandler)
+        self.mode = mode
+        self.seen: list[SeenRequest] = []
+        self.jwks: dict[str, Any] = {"keys": []}
+        self.hits: dict[str, int] = {}
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _RecordingHandler(BaseHTTPRequestHandler):
+    server: RecordingServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _handle(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else b""
+        headers: dict[str, list[str]] = {}
+        for key, value in self.headers.items():
+            headers.setdefault(key.lower(), []).append(value)
+        self.server.seen.append(SeenRequest(self.command, self.path, headers, body))
+        self.server.hits[self.path] = self.server.hits.get(self.path, 0) + 1
+        if self.path.endswith("jwks.json"):
+            payload = json.dumps(self.server.jwks).encode()
+            ctype = "application/json"
+            status = 200
+        elif self.server.mode == "text":
+            payload, ctype, status = b"plain words, not JSON", "text/plain", 200
+        elif self.path.startswith("/v1/status/"):
+            status = int(self.path.rsplit("/", 1)[1])
+            payload, ctype = json.dumps({"upstream": "said so"}).encode(), "application/json"
+        else:
+            status = 200
+            ctype = "application/json"
+            payload = json.dumps({"upstream": True, "path": self.path,
+                                  "method": self.command}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("X-Upstream", "yes")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _handle
+
+
+class SilentServer:
+    """Accepts connections and reads, but never answers (a hung upstream)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.conns: list[socket.socket] = []
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _run(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+                self.conns.append(conn)
+            except OSError:
+                continue
+
+    def stop(self) -> None:
+        self._stop = True
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+
+def closed_port() -> int:
+    """A loopback port with nothing listening."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture
+def upstream() -> Iterator[RecordingServer]:
+    server = RecordingServer("json")
+    yield server
+    server.stop()
+
+
+# -- the stagedoor process -------------------------------------------------------------------------
+_LISTENING = re.compile(r"stagedoor listening on http://([\d.]+):(\d+)")
+
+
+@dataclass
+class Sidecar:
+    proc: subprocess.Popen[bytes]
+    host: str
+    port: int
+    stderr_lines: list[str] = field(default_factory=list)
+    stdout_lines: list[str] = field(default_factory=list)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for t in self._threads:
+            t.join(2)
+        return self.proc.returncode
+
+    def access_log(self) -> list[dict[str, Any]]:
+        records = []
+        for line in list(self.stdout_lines):
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+        return records
+
+
+def _pump(stream: Any, sink: list[str]) -> None:
+    for raw in iter(stream.readline, b""):
+        sink.append(raw.decode("utf-8", "replace").rstrip("\n"))
+
+
+def start_sidecar(config_files: list[Path], policy_dir: Path, env: dict[str, str] | None = None,
+                  extra_args: list[str] | None = None, timeout: float = 20.0) -> Sidecar:
+    args = [sys.executable, "-m", "stagedoor.cli", "run", "--policies", str(policy_dir),
+            "--listen", "127.0.0.1:0"]
+    for f in config_files:
+        args += ["--config", str(f)]
+    args += extra_args or []
+    full_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("INSIGHTS_", "BACKSTAGE_"))}
+    full_env.update(env or {})
+    full_env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    sidecar = Sidecar(proc, "", 0)
+    assert proc.stderr is not None and proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stderr, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not sel.select(0.2):
+            if proc.poll() is not None:
+                break
+            continue
+        line = proc.stderr.readline()
+        if not line:
+            break
+        text = line.decode("utf-8", "replace").rstrip("\n")
+        sidecar.stderr_lines.append(text)
+        match = _LISTENING.search(text)
+        if match:
+            sidecar.host, sidecar.port = match.group(1), int(match.group(2))
+            break
+    sel.close()
+    if not sidecar.port:
+        proc.kill()
+        out = proc.stderr.read().decode("utf-8", "replace")
+        raise RuntimeError("stagedoor did not start:\n" + "\n".join(sidecar.stderr_lines) + out)
+    for stream, sink in ((proc.stderr, sidecar.stderr_lines), (proc.stdout, sidecar.stdout_lines)):
+        t = threading.Thread(target=_pump, args=(stream, sink), daemon=True)
+        t.start()
+        sidecar._threads.append(t)
+    return sidecar
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
