@@ -33,6 +33,7 @@ def _setup_logging(level: str = "info") -> None:
     )
     # mitmproxy's per-connection chatter is not an operator's concern.
     logging.getLogger("mitmproxy").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _parse_listen(text: str) -> tuple[str, int]:
@@ -135,7 +136,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .devkeys import generate_dev_keys, mint_plugin_token, mint_user_token
 
     keys = generate_dev_keys(Path(args.dev_dir))
-    backend = DemoBackend(("127.0.0.1", args.upstream_port), keys.user_jwks(), keys.plugin_jwks())
+    try:
+        backend = DemoBackend(("127.0.0.1", args.upstream_port), keys.user_jwks(),
+                              keys.plugin_jwks())
+    except OSError:  # the default port is taken: any free loopback port will do
+        backend = DemoBackend(("127.0.0.1", 0), keys.user_jwks(), keys.plugin_jwks())
     backend.start()
     os.environ["INSIGHTS_API_URL"] = backend.base_url
     os.environ["BACKSTAGE_BASE_URL"] = backend.base_url
