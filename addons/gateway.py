@@ -20,8 +20,9 @@ from mitmproxy import ctx, http
 
 from stagedoor.decide import Decision, GatewayRequest, decide
 from stagedoor.errors import ApiError, render_error
+from stagedoor.permissions import DelegationNeeded
 from stagedoor.runtime import Runtime
-from stagedoor.tokens import KeysNeeded, KeySourceUnavailable
+from stagedoor.tokens import KeysNeeded, KeySourceUnavailable, extract_bearer
 
 from . import mitm_internals
 
@@ -82,6 +83,10 @@ class Gateway:
             "url": decision.url,
             "started": started,
         }
+        for note in decision.dry_run:
+            log.warning("dry-run: %s %s: %s", req.method, decision.url.partition("?")[0], note)
+        if decision.dry_run:
+            flow.metadata[META]["dry_run"] = list(decision.dry_run)
         if decision.reason and not decision.allowed:
             log.debug("%s %s denied at %s: %s", req.method, decision.url.partition("?")[0],
                       decision.check, decision.reason)
@@ -105,16 +110,25 @@ class Gateway:
                             reason="non-origin-form request target")
         greq = GatewayRequest(req.method, req.path, tuple(req.headers.get_all("authorization")))
         runtime = self.runtime
-        policies = runtime.policies  # one snapshot for the whole request
-        try:
-            return decide(greq, policies, runtime.verifier)
-        except KeysNeeded as needed:
-            assert runtime.verifier is not None
-            await runtime.verifier.refresh(needed.source)
+        # One snapshot for the whole request: a reload swaps these, never mutates them.
+        policies, verifier, authorizer = runtime.policies, runtime.verifier, runtime.authorizer
+        # decide() is pure and synchronous; when it needs the network (a key set, a permission
+        # backend answer) it says so, we fetch, and decide again. A few rounds at most.
+        for _ in range(3):
             try:
-                return decide(greq, policies, runtime.verifier)
-            except KeysNeeded as again:
-                raise KeySourceUnavailable(str(again.source), 5) from None
+                return decide(greq, policies, verifier, authorizer)
+            except KeysNeeded as needed:
+                assert verifier is not None
+                await verifier.refresh(needed.source)
+            except DelegationNeeded as needed:
+                assert authorizer is not None
+                token = extract_bearer(list(greq.authorization))
+                await authorizer.resolve(token, needed.permission)
+        unavailable = KeySourceUnavailable("(several)", 5)
+        return Decision(False, "barrier", req.path,
+                        error=ApiError(503, unavailable.message,
+                                       headers=(("Retry-After", "5"),)),
+                        reason="credentials still unresolved after refetching")
 
     def _forward(self, flow: http.HTTPFlow, decision: Decision) -> None:
         req = flow.request

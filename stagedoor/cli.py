@@ -212,6 +212,20 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- explain ---------------------------------------------------------------------------------------
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain, render
+
+    _setup_logging("warning")
+    runtime = _load_runtime(_config_files(args), args.policies)
+    if runtime is None:
+        return 2
+    decision = explain(runtime, args.method, args.url, token=args.token, user=args.user,
+                       service=args.service)
+    print(render(decision, args.method, args.url))
+    return 0 if decision.allowed else 1
+
+
 # -- entry point -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stagedoor", description=__doc__.splitlines()[0])
@@ -233,6 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--upstream-port", type=int, default=7008)
     demo.add_argument("--dev-dir", default=str(DEV_DIR))
     demo.set_defaults(func=cmd_demo)
+
+    explain = sub.add_parser("explain", help="show every check the proxy would make for one "
+                             "request, without sending it; exit 0 allow, 1 deny")
+    _add_common(explain)
+    explain.add_argument("method", help="HTTP method, e.g. GET")
+    explain.add_argument("url", help="full URL or path, e.g. /api/insights/services/x")
+    caller = explain.add_mutually_exclusive_group()
+    caller.add_argument("--token", help="a bearer token, verified for real")
+    caller.add_argument("--user", metavar="REF", help="act as this verified user entity ref")
+    caller.add_argument("--service", metavar="SUBJECT",
+                        help="act as this verified service subject (e.g. plugin:catalog)")
+    explain.set_defaults(func=cmd_explain)
 
     token = sub.add_parser("token", help="mint a dev token signed with the demo's dev keys")
     who = token.add_mutually_exclusive_group()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .errors import ApiError
+from .permissions import Authorizer, evaluate
 from .policy import LocalResponse, PolicySet, Route
 from .routing import PathRejected, split_segments
 from .tokens import CredentialError, KeySourceUnavailable, Principal, extract_bearer
@@ -62,6 +63,7 @@ class Decision:
     params: dict[str, str] = field(default_factory=dict)
     reason: str = ""  # log-only detail (e.g. why a token failed); never a secret
     trace: list[tuple[str, str]] = field(default_factory=list)
+    dry_run: list[str] = field(default_factory=list)  # what non-enforced rules would have denied
 
     @property
     def route_path(self) -> str | None:
@@ -80,6 +82,40 @@ def _deny(decision: Decision, check: str, error: ApiError, reason: str = "") -> 
     return decision
 
 
+def _check_permission(decision: Decision, route: Route, principal: Principal | None,
+                      token: str | None, values: dict[str, str], policies: PolicySet,
+                      authorizer: Authorizer | None) -> ApiError | None:
+    """None when the route's permission is granted, else the 403 to answer."""
+    permission = route.permission
+    assert permission is not None
+    message = f"Permission '{permission}' denied"
+    if principal is not None and principal.access_permissions is not None \
+            and permission not in principal.access_permissions:
+        decision.trace.append(("permission", f"{permission}: outside the token's access "
+                                             "restrictions"))
+        return ApiError(403, f"This token's access is restricted and does not include "
+                             f"permission '{permission}'")
+    resource = values.get(route.resource_param) if route.resource_param else None
+    groups = authorizer.groups_for(principal) if authorizer else (
+        frozenset(principal.ownership) if principal else frozenset())
+    ask = (lambda: authorizer.cached(token, permission)) if authorizer else None
+    outcome = evaluate(policies.rules_for(route.plugin_id), permission, principal, groups,
+                       resource, ask)
+    for rule, effect in outcome.shadow:
+        if effect == "deny":
+            note = f"rule {rule.where} ({rule.permission}, enforce: false) would deny"
+            decision.dry_run.append(note)
+            decision.trace.append(("permission", f"dry-run: {note}"))
+    what = f"{permission}" + (f" on {resource!r}" if resource is not None else "")
+    if outcome.rule is None:
+        decision.trace.append(("permission", f"{what}: no rule matched: default deny"))
+        return ApiError(403, message)
+    how = "permission backend" if outcome.delegated else "rule"
+    verdict = "allow" if outcome.allowed else "deny"
+    decision.trace.append(("permission", f"{what}: {verdict} by {how} {outcome.rule.where}"))
+    return None if outcome.allowed else ApiError(403, message)
+
+
 def _relative_url(target: str, mount: str) -> str:
     rest = target[len(mount):]
     if not rest.startswith("/"):
@@ -87,8 +123,13 @@ def _relative_url(target: str, mount: str) -> str:
     return rest
 
 
-def decide(request: GatewayRequest, policies: PolicySet, verifier: Verifier | None) -> Decision:
-    """Run every check for one request. Raises ``KeysNeeded`` only (see module docstring)."""
+def decide(request: GatewayRequest, policies: PolicySet, verifier: Verifier | None,
+           authorizer: Authorizer | None = None) -> Decision:
+    """Run every check for one request.
+
+    Raises only ``KeysNeeded`` (a key set must be fetched) or ``DelegationNeeded`` (the
+    permission backend must be asked); the caller resolves either and calls again.
+    """
     target = request.target
     decision = Decision(allowed=False, check="plugin", url=target)
 
@@ -122,6 +163,7 @@ def decide(request: GatewayRequest, policies: PolicySet, verifier: Verifier | No
     else:  # 404 or 405: open only if the path itself is declared unauthenticated
         open_path = match is not None and any(r.unauthenticated for r in match.path_entries)
     principal: Principal | None = None
+    token: str | None = None
     if open_path:
         decision.trace.append(("barrier", "path is unauthenticated: credentials ignored"))
     else:
@@ -181,6 +223,18 @@ def decide(request: GatewayRequest, policies: PolicySet, verifier: Verifier | No
     decision.params = values
     if values:
         decision.trace.append(("params", ", ".join(f"{k}={v!r} ok" for k, v in values.items())))
+
+    # 6. permission ----------------------------------------------------------------------------
+    if route.permission is not None:
+        denied = _check_permission(decision, route, principal, token, values, policies,
+                                   authorizer)
+        if denied is not None:
+            if route.enforce:
+                return _deny(decision, "permission", denied)
+            note = (f"route {route.path} ({route.file}:{route.line}) is enforce: false; "
+                    f"would deny: {denied.message}")
+            decision.dry_run.append(note)
+            decision.trace.append(("permission", f"dry-run: {note}"))
 
     # 6. action --------------------------------------------------------------------------------
     decision.allowed = True

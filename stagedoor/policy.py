@@ -28,6 +28,7 @@ from urllib.parse import quote, urlsplit
 
 from .config import Config, ConfigError, MissingConfigError
 from .errors import JSON_CONTENT_TYPE
+from .permissions import PermissionRule, parse_rules
 from .routing import PathTemplate, RouteTable
 from .yamlsource import LinedList, LinedMap, LinedScalar, YamlSyntaxError, load_lined, plain
 
@@ -40,9 +41,10 @@ MAX_PARAM_LENGTH = 1024
 _CONFIG_REF = re.compile(r"\$\{([A-Za-z0-9_.\-]+)\}")
 _UPSTREAM_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-POLICY_KEYS = {"pluginId", "description", "timeout", "routes"}
+POLICY_KEYS = {"pluginId", "description", "timeout", "routes", "permissions"}
+SHARED_PERMISSIONS_FILE = "permissions.yaml"
 ROUTE_KEYS = {"path", "methods", "method", "auth", "params", "upstream", "respond", "timeout",
-              "description"}
+              "description", "permission", "resource", "enforce"}
 PARAM_KEYS = {"pattern", "message"}
 RESPOND_KEYS = {"status", "json", "body", "contentType", "headers"}
 
@@ -124,6 +126,9 @@ class Route:
     timeout: float
     file: str
     line: int
+    permission: str | None = None
+    resource_param: str | None = None  # path parameter whose value is the permission resource
+    enforce: bool = True  # False: a permission denial is logged and counted, not enforced
 
     @property
     def unauthenticated(self) -> bool:
@@ -140,6 +145,7 @@ class PluginPolicy:
     file: str
     routes: list[Route]
     table: RouteTable[Route] = field(default_factory=RouteTable)
+    rules: list[PermissionRule] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -148,6 +154,17 @@ class PolicySet:
 
     plugins: dict[str, PluginPolicy]
     files: tuple[str, ...] = ()
+    shared_rules: list[PermissionRule] = field(default_factory=list)
+    _rules_by_plugin: dict[str, list[PermissionRule]] = field(default_factory=dict)
+
+    def rules_for(self, plugin_id: str) -> list[PermissionRule]:
+        """The plugin's own rules first, then the shared ones (computed once)."""
+        rules = self._rules_by_plugin.get(plugin_id)
+        if rules is None:
+            plugin = self.plugins.get(plugin_id)
+            rules = [*(plugin.rules if plugin else []), *self.shared_rules]
+            self._rules_by_plugin[plugin_id] = rules
+        return rules
 
     @property
     def route_count(self) -> int:
@@ -246,6 +263,9 @@ class _FileLoader:
 
         routes_node = doc.values.get("routes")
         policy = PluginPolicy(plugin_id, self.file, [])
+        if "permissions" in doc.values:
+            policy.rules = self.permission_rules(doc.values["permissions"],
+                                                 doc.line_of("permissions"))
         if routes_node is None:
             self.problem(doc.line, "missing 'routes' (a list of routes)")
             return None
@@ -263,6 +283,37 @@ class _FileLoader:
                 continue
             policy.routes.append(route)
         return policy
+
+    def permission_rules(self, node: Any, line: int) -> list[PermissionRule]:
+        if not isinstance(node, LinedList):
+            self.problem(line, "'permissions' must be a list of rules")
+            return []
+        found: list[tuple[int, str]] = []
+        rules = parse_rules([plain(item) for item in node.items], self.file, node.item_lines,
+                            found)
+        for problem_line, message in found:
+            self.problem(problem_line, message)
+        return rules
+
+    def load_shared_rules(self) -> list[PermissionRule]:
+        """``permissions.yaml``: rules shared by every plugin, no routes."""
+        try:
+            doc = load_lined(self.path.read_text(encoding="utf-8"))
+        except YamlSyntaxError as exc:
+            self.problem(exc.line, exc.message)
+            return []
+        except (OSError, UnicodeDecodeError) as exc:
+            self.problem(1, f"cannot read permission rules: {exc}")
+            return []
+        if doc is None:
+            return []
+        if not isinstance(doc, LinedMap):
+            self.problem(1, "permissions.yaml must be a mapping with 'permissions: [...]'")
+            return []
+        self.unknown_keys(doc, {"permissions", "description"}, "permissions.yaml")
+        if "permissions" not in doc.values:
+            return []
+        return self.permission_rules(doc.values["permissions"], doc.line_of("permissions"))
 
     def route(self, plugin_id: str, node: Any, default_timeout: float) -> Route | None:
         line = getattr(node, "line", 1)
@@ -302,10 +353,32 @@ class _FileLoader:
         else:
             respond = self.respond(node)
 
+        permission = resource = None
+        enforce = True
+        if "permission" in node.values:
+            permission = self.scalar(node.values["permission"])
+            if not isinstance(permission, str) or not permission:
+                self.problem(node.line_of("permission"), "'permission' must be a permission "
+                             "name such as insights.service.read")
+        if "resource" in node.values:
+            resource = self.scalar(node.values["resource"])
+            if permission is None:
+                self.problem(node.line_of("resource"), "'resource' needs a 'permission'")
+            elif resource not in template.param_names:
+                self.problem(node.line_of("resource"), f"'resource' must name a path parameter "
+                             f"of '{template.text}', got {resource!r}")
+        if "enforce" in node.values:
+            enforce = self.scalar(node.values["enforce"])
+            if not isinstance(enforce, bool):
+                self.problem(node.line_of("enforce"), "'enforce' must be true or false")
+        if permission is not None and "unauthenticated" in auth:
+            self.problem(node.line_of("permission"), "an unauthenticated route cannot check a "
+                         "permission (there is no principal)")
+
         if len(self.problems) != before:
             return None
         return Route(plugin_id, template, methods, auth, params, upstream, respond, timeout,
-                     self.file, line)
+                     self.file, line, permission, resource, bool(enforce))
 
     def methods(self, node: LinedMap) -> tuple[str, ...]:
         raw = plain(node.values.get("methods", node.values.get("method", ["GET"])))
@@ -482,6 +555,7 @@ def policy_files(directory: Path) -> list[Path]:
     return sorted(
         p for p in directory.iterdir()
         if p.suffix in (".yaml", ".yml") and not p.name.startswith(".") and p.is_file()
+        and p.name != SHARED_PERMISSIONS_FILE
     )
 
 
@@ -505,6 +579,13 @@ def load_policies(directory: str | Path, config: Config) -> PolicySet:
                                           f"already defined in {plugins[policy.plugin_id].file}"))
             continue
         plugins[policy.plugin_id] = policy
+    shared_rules: list[PermissionRule] = []
+    shared = root / SHARED_PERMISSIONS_FILE
+    if shared.is_file():
+        loader = _FileLoader(shared, config)
+        shared_rules = loader.load_shared_rules()
+        problems.extend(loader.problems)
+        files.append(shared)
     if problems:
         raise PolicyLoadError(problems)
-    return PolicySet(plugins, tuple(str(f) for f in files))
+    return PolicySet(plugins, tuple(str(f) for f in files), shared_rules)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import Config, ConfigError, load_config
 from .errors import SECURITY_HEADERS
+from .permissions import Authorizer
 from .policy import PolicySet, load_policies
 from .tokens import AuthSettings, TokenVerifier
 
@@ -71,6 +72,7 @@ class Runtime:
     settings: GatewaySettings
     policies: PolicySet
     verifier: TokenVerifier | None
+    authorizer: Authorizer | None = None
 
     @classmethod
     def load(cls, config_files: list[str], policy_dir: str) -> Runtime:
@@ -78,5 +80,15 @@ class Runtime:
         config = load_config(config_files)
         settings = GatewaySettings.from_config(config)
         policies = load_policies(Path(policy_dir), config)
-        verifier = TokenVerifier(AuthSettings.from_config(config))
-        return cls(config_files, policy_dir, config, settings, policies, verifier)
+        auth_settings = AuthSettings.from_config(config)
+        verifier = TokenVerifier(auth_settings)
+        authorizer = Authorizer.from_config(config, _permission_base_url(auth_settings))
+        return cls(config_files, policy_dir, config, settings, policies, verifier, authorizer)
+
+
+def _permission_base_url(settings: AuthSettings) -> str | None:
+    """Where a Backstage permission backend is (discovery of 'permission'), if known."""
+    try:
+        return settings.base_url_for("permission")
+    except ConfigError:
+        return None

@@ -106,7 +106,7 @@ def test_relative_url_of_the_plugin_root():
 def test_trace_names_every_step_for_explain():
     d = run("/api/insights/services/payments-api", "jane")
     assert [step for step, _ in d.trace] == ["plugin", "barrier", "route", "principal",
-                                             "params", "action"]
+                                             "params", "permission", "action"]
 
 
 @pytest.mark.parametrize("token", ["jane", None])

@@ -57,7 +57,8 @@ def test_unknown_key_reported_with_line(tmp_path):
     text = GOOD.replace("    methods: [GET]\n", "    methods: [GET]\n    metods: [POST]\n")
     found = problems(tmp_path, text)
     assert any(p.endswith(":8: unknown key 'metods' in route (allowed: auth, description, "
-                          "method, methods, params, path, respond, timeout, upstream)")
+                          "enforce, method, methods, params, path, permission, resource, "
+                          "respond, timeout, upstream)")
                for p in found), found
 
 

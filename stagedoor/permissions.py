@@ -1,0 +1,309 @@
+"""Permission rules: which principal may use a route's named permission.
+
+Rules are an ordered list (in a plugin's policy under ``permissions:`` and in the shared
+``policies/permissions.yaml``); the first rule whose permission and conditions match decides,
+and nothing matching means deny::
+
+    permissions:
+      - permission: insights.service.read        # exact name or glob (insights.*)
+        effect: allow                            # allow | deny | delegate
+        when:                                    # every condition given must hold
+          principal: user                        # user | service
+          user: user:default/*                   # entity ref glob (user principals)
+          memberOf: [group:default/payments]     # any of these (token 'ent' claim or config map)
+          service: plugin:catalog                # subject glob (service principals)
+          resource: payments-*                   # glob on the route's resource parameter
+        enforce: false                           # dry-run: log what it would do, then ignore it
+
+``effect: delegate`` asks a Backstage permission backend (``POST <permission base>/authorize``)
+with the caller's token; its answers are cached briefly, and an unreachable backend is a deny.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hashlib
+import logging
+import re
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from .config import Config, ConfigError
+from .tokens import Principal
+
+log = logging.getLogger("stagedoor.permissions")
+
+EFFECTS = ("allow", "deny", "delegate")
+RULE_KEYS = {"permission", "effect", "when", "enforce", "description"}
+CONDITION_KEYS = {"principal", "user", "memberOf", "service", "resource"}
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    """Case-sensitive glob (``*``, ``?``, ``[...]``), anchored."""
+    return re.compile(fnmatch.translate(pattern))
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    principal: str | None = None
+    user: re.Pattern[str] | None = None
+    member_of: frozenset[str] | None = None
+    service: re.Pattern[str] | None = None
+    resource: re.Pattern[str] | None = None
+
+    def holds(self, principal: Principal | None, groups: frozenset[str],
+              resource: str | None) -> bool:
+        if self.principal is not None and (principal is None or principal.kind != self.principal):
+            return False
+        if self.user is not None and (principal is None or principal.kind != "user"
+                                      or not self.user.match(principal.subject)):
+            return False
+        if self.service is not None and (principal is None or principal.kind != "service"
+                                         or not self.service.match(principal.subject)):
+            return False
+        if self.member_of is not None and not (self.member_of & groups):
+            return False
+        return self.resource is None or (resource is not None
+                                         and self.resource.match(resource) is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionRule:
+    permission: str
+    effect: str
+    condition: Condition
+    enforce: bool
+    file: str
+    line: int
+    _permission_re: re.Pattern[str] = field(repr=False, compare=False,
+                                            default=re.compile(""))
+
+    @classmethod
+    def build(cls, permission: str, effect: str, condition: Condition, enforce: bool, file: str,
+              line: int) -> PermissionRule:
+        return cls(permission, effect, condition, enforce, file, line, _glob(permission))
+
+    def applies_to(self, permission: str) -> bool:
+        return self._permission_re.match(permission) is not None
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(slots=True)
+class PermissionOutcome:
+    """The verdict for one permission check, and how it was reached."""
+
+    allowed: bool
+    rule: PermissionRule | None  # None: no rule matched (default deny)
+    delegated: bool = False
+    shadow: list[tuple[PermissionRule, str]] = field(default_factory=list)  # dry-run verdicts
+    detail: str = ""
+
+
+class DelegationNeeded(Exception):
+    """A rule delegates to the permission backend and no cached answer exists: the caller
+    awaits :meth:`Authorizer.resolve` and decides again."""
+
+    def __init__(self, permission: str) -> None:
+        super().__init__(permission)
+        self.permission = permission
+
+
+def parse_rules(node: list[Any], file: str, lines: list[int],
+                problems: list[tuple[int, str]]) -> list[PermissionRule]:
+    """Plain rule dicts (with their lines) -> rules; problems collected as (line, message)."""
+    rules: list[PermissionRule] = []
+    for item, line in zip(node, lines, strict=False):
+        if not isinstance(item, dict):
+            problems.append((line, "a permission rule must be a mapping with 'permission' and "
+                                   "'effect'"))
+            continue
+        unknown = sorted(set(item) - RULE_KEYS)
+        if unknown:
+            problems.append((line, f"unknown key '{unknown[0]}' in permission rule (allowed: "
+                                   f"{', '.join(sorted(RULE_KEYS))})"))
+            continue
+        permission = item.get("permission")
+        effect = item.get("effect")
+        if not isinstance(permission, str) or not permission:
+            problems.append((line, "permission rule needs 'permission' (a name or glob)"))
+            continue
+        if effect not in EFFECTS:
+            problems.append((line, f"permission rule needs 'effect': one of "
+                                   f"{', '.join(EFFECTS)}, got {effect!r}"))
+            continue
+        enforce = item.get("enforce", True)
+        if not isinstance(enforce, bool):
+            problems.append((line, "'enforce' must be true or false"))
+            continue
+        when = item.get("when") or {}
+        if not isinstance(when, dict):
+            problems.append((line, "'when' must be a mapping of conditions"))
+            continue
+        bad = sorted(set(when) - CONDITION_KEYS)
+        if bad:
+            problems.append((line, f"unknown condition '{bad[0]}' (allowed: "
+                                   f"{', '.join(sorted(CONDITION_KEYS))})"))
+            continue
+        kind = when.get("principal")
+        if kind is not None and kind not in ("user", "service"):
+            problems.append((line, f"condition 'principal' must be user or service, got {kind!r}"))
+            continue
+        member_of = when.get("memberOf")
+        if member_of is not None:
+            member_of = [member_of] if isinstance(member_of, str) else member_of
+            if not isinstance(member_of, list) or not all(isinstance(m, str) for m in member_of):
+                problems.append((line, "condition 'memberOf' must be an entity ref or a list"))
+                continue
+        condition = Condition(
+            principal=kind,
+            user=_glob(str(when["user"])) if "user" in when else None,
+            member_of=frozenset(member_of) if member_of is not None else None,
+            service=_glob(str(when["service"])) if "service" in when else None,
+            resource=_glob(str(when["resource"])) if "resource" in when else None,
+        )
+        rules.append(PermissionRule.build(permission, effect, condition, enforce, file, line))
+    return rules
+
+
+def evaluate(rules: list[PermissionRule], permission: str, principal: Principal | None,
+             groups: frozenset[str], resource: str | None,
+             delegated: Callable[[], bool | None] | None = None) -> PermissionOutcome:
+    """First enforced matching rule wins; dry-run rules are recorded and skipped.
+
+    ``delegated`` gives the permission backend's cached answer (None: not known yet, which
+    raises :class:`DelegationNeeded`); without it a delegating rule denies.
+    """
+    shadow: list[tuple[PermissionRule, str]] = []
+    for rule in rules:
+        if not rule.applies_to(permission) or not rule.condition.holds(principal, groups,
+                                                                       resource):
+            continue
+        effect = rule.effect
+        if effect == "delegate":
+            answer = delegated() if delegated is not None else False
+            if answer is None:
+                raise DelegationNeeded(permission)
+            effect = "allow" if answer else "deny"
+        if not rule.enforce:
+            shadow.append((rule, effect))
+            continue
+        return PermissionOutcome(effect == "allow", rule, rule.effect == "delegate", shadow)
+    return PermissionOutcome(False, None, False, shadow, "no rule matched (default deny)")
+
+
+class Authorizer:
+    """Asks a Backstage permission backend, with a short bounded cache of its answers."""
+
+    def __init__(self, permission_base_url: str | None, *, cache_ttl: float = 10.0,
+                 cache_size: int = 10_000, timeout: float = 2.0,
+                 membership: dict[str, frozenset[str]] | None = None) -> None:
+        self.base_url = permission_base_url.rstrip("/") if permission_base_url else None
+        self.membership = membership or {}
+        self.cache_ttl = cache_ttl
+        self.cache_size = cache_size
+        self.timeout = timeout
+        self._cache: OrderedDict[tuple[str, str], tuple[bool, float]] = OrderedDict()
+        self._inflight: dict[tuple[str, str], asyncio.Future[bool]] = {}
+        self.stats = {"delegated": 0, "cached": 0, "unreachable": 0}
+
+    def groups_for(self, principal: Principal | None) -> frozenset[str]:
+        """Ownership refs: the token's ``ent`` claim, else the configured membership map."""
+        if principal is None:
+            return frozenset()
+        if principal.ownership:
+            return frozenset(principal.ownership)
+        return self.membership.get(principal.subject, frozenset({principal.subject}))
+
+    @classmethod
+    def from_config(cls, config: Config, permission_base_url: str | None) -> Authorizer:
+        membership: dict[str, frozenset[str]] = {}
+        raw = config.get_mapping("stagedoor.permissions.membership")
+        for subject, refs in raw.items():
+            refs = [refs] if isinstance(refs, str) else refs
+            if not isinstance(refs, list):
+                raise ConfigError("Invalid type in config for key "
+                                  f"'stagedoor.permissions.membership.{subject}': want a list "
+                                  "of entity refs")
+            membership[str(subject)] = frozenset({str(subject), *map(str, refs)})
+        return cls(permission_base_url,
+                   cache_ttl=config.get_number("stagedoor.permissions.cacheSeconds", 10.0),
+                   timeout=config.get_number("stagedoor.permissions.timeoutSeconds", 2.0),
+                   membership=membership)
+
+    @staticmethod
+    def _key(token: str | None, permission: str) -> tuple[str, str]:
+        digest = hashlib.sha256((token or "").encode()).hexdigest()
+        return digest, permission
+
+    def cached(self, token: str | None, permission: str) -> bool | None:
+        key = self._key(token, permission)
+        entry = self._cache.get(key)
+        if entry is None:
+            return None
+        allowed, expires = entry
+        if expires < time.monotonic():
+            self._cache.pop(key, None)
+            return None
+        self.stats["cached"] += 1
+        return allowed
+
+    def _store(self, key: tuple[str, str], allowed: bool, ttl: float) -> None:
+        self._cache[key] = (allowed, time.monotonic() + ttl)
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    async def resolve(self, token: str | None, permission: str) -> bool:
+        """Ask the backend (once per key at a time); deny when it cannot be asked."""
+        key = self._key(token, permission)
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await pending
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            allowed, ttl = await self._ask(token, permission)
+            self._store(key, allowed, ttl)
+            future.set_result(allowed)
+            return allowed
+        finally:
+            self._inflight.pop(key, None)
+            if not future.done():
+                future.set_result(False)
+
+    async def _ask(self, token: str | None, permission: str) -> tuple[bool, float]:
+        self.stats["delegated"] += 1
+        if self.base_url is None or token is None:
+            log.warning("permission %s delegated but %s: deny", permission,
+                        "no permission backend is configured" if token else "no caller token")
+            return False, 1.0
+        item_id = str(uuid.uuid4())
+        body = {"items": [{"id": item_id, "permission": {"type": "basic", "name": permission,
+                                                         "attributes": {}}}]}
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout) as client:
+                resp = await client.post(f"{self.base_url}/authorize", json=body,
+                                         headers={"Authorization": f"Bearer {token}"})
+            if resp.status_code != 200:
+                raise ValueError(f"status {resp.status_code}")
+            items = resp.json().get("items", [])
+            result = next(i.get("result") for i in items if i.get("id") == item_id)
+            if result not in ("ALLOW", "DENY"):
+                raise ValueError(f"unexpected result {result!r}")
+            return result == "ALLOW", self.cache_ttl
+        except Exception as exc:  # unreachable, slow, garbage: fail closed
+            self.stats["unreachable"] += 1
+            log.warning("permission backend %s/authorize failed for %s (%s): deny",
+                        self.base_url, permission, type(exc).__name__ + (f": {exc}" if
+                                                                        str(exc) else ""))
+            return False, 1.0
