@@ -663,7 +663,7 @@ def _parse_jwt(token: str) -> _Jwt | None:
     return _Jwt(
         header=header,
         payload=_json_object(_b64url_decode(parts[1])),
-        signing_input=f"{parts[0]}.{parts[1]}".encode("ascii"),
+        signing_input=f"{parts[0]}.{parts[1]}".encode("utf-8", "replace"),
         signature=_b64url_decode(parts[2]),
     )
 
@@ -681,7 +681,12 @@ def _header_problem(header: dict[str, Any]) -> str | None:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _time_problem(claims: dict[str, Any], now: float, leeway: float,
@@ -758,7 +763,10 @@ _Lookup = tuple[Literal["key", "fetch", "unavailable", "missing"], _Key | None]
 
 
 class TokenVerifier:
-    """Verifies credentials against cached keys; see the module docstring for the protocol."""
+    """Verifies credentials against cached keys; see the module docstring for the protocol.
+
+    Not thread-safe: use it from the event loop's thread (as mitmproxy addons run).
+    """
 
     def __init__(self, settings: AuthSettings, *, clock: Callable[[], float] = time.time,
                  http_client_factory: Callable[[], httpx.AsyncClient] | None = None) -> None:
@@ -880,11 +888,11 @@ class TokenVerifier:
             self.settings.jwks_max_age
         if key is not None and fresh:
             return "key", key
-        if self._may_fetch(source, now):
+        if not self._closed and self._may_fetch(source, now):
             return "fetch", None
         if key is not None:
             return "key", key  # stale, but the source cannot be asked again yet
-        if source.failure_kind == "unavailable":
+        if source.failure_kind == "unavailable" or self._closed:
             return "unavailable", None
         return "missing", None
 

@@ -45,6 +45,7 @@ class RecordingServer(ThreadingHTTPServer):
         self.mode = mode
         self.seen: list[SeenRequest] = []
         self.jwks: dict[str, Any] = {"keys": []}
+        self.jwks_by_path: dict[str, Any] = {}  # path -> JWKS document (or raw bytes)
         self.hits: dict[str, int] = {}
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
         self.thread.start()
@@ -74,7 +75,8 @@ class _RecordingHandler(BaseHTTPRequestHandler):
         self.server.seen.append(SeenRequest(self.command, self.path, headers, body))
         self.server.hits[self.path] = self.server.hits.get(self.path, 0) + 1
         if self.path.endswith("jwks.json"):
-            payload = json.dumps(self.server.jwks).encode()
+            doc = self.server.jwks_by_path.get(self.path, self.server.jwks)
+            payload = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
             ctype = "application/json"
             status = 200
         elif self.server.mode == "text":
