@@ -1,0 +1,247 @@
+"""What the benchmark puts under load: the upstream, nginx, stock mitmdump, stagedoor.
+
+:class:`Bench` prepares one working directory (dev keys, an ES256 user token, configs, policies),
+starts the upstream, and starts each proxy on a loopback port of its own. Every process is
+stopped by :meth:`Bench.close`.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from stagedoor.devkeys import generate_dev_keys, mint_user_token
+
+from .procs import Processes, free_port, wait_for_line, wait_for_port, which
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUEST_PATH = "/api/insights/services/payments-api"
+UPSTREAM_PATH = "/v1/services/payments-api"  # what the insights policy forwards to
+SERVICE = {"id": "payments-api", "owner": "group:default/payments", "tier": 1, "score": 92,
+           "checks": {"docs": "pass", "oncall": "pass", "slo": "warn"}}
+_LISTENING = re.compile(r"stagedoor listening on http://([\d.]+):(\d+)")
+START_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing to put under load: where to send the request and which process serves it."""
+
+    name: str
+    label: str
+    url: str
+    pid: int | None = None
+
+
+def generated_policy(routes: int) -> str:
+    """The shipped insights policy plus generated routes, ``routes`` in total.
+
+    The extra routes look like real ones (literal prefixes, parameters with patterns, several
+    methods) and share the request's plugin, so the route table the request walks holds them all.
+    """
+    import yaml
+
+    document = yaml.safe_load((ROOT / "policies" / "insights.yaml").read_text())
+    extra = []
+    for i in range(max(0, routes - len(document["routes"]))):
+        kind = i % 4
+        if kind == 0:
+            extra.append({"path": f"/r{i}/{{id}}", "methods": ["GET", "POST"],
+                          "params": {"id": "^[a-z0-9-]+$"},
+                          "upstream": f"${{insights.externalApiUrl}}/v1/r{i}/{{id}}"})
+        elif kind == 1:
+            extra.append({"path": f"/services/{{id}}/extra{i}", "methods": ["GET"],
+                          "auth": ["user"], "params": {"id": "^[a-z0-9-]+$"},
+                          "upstream": f"${{insights.externalApiUrl}}/v1/services/{{id}}/e{i}"})
+        elif kind == 2:
+            extra.append({"path": f"/teams/t{i}/members/{{member}}",
+                          "params": {"member": "^[a-z]+$"},
+                          "upstream": f"${{insights.externalApiUrl}}/v1/t{i}/{{member}}"})
+        else:
+            extra.append({"path": f"/static{i}", "auth": "unauthenticated",
+                          "respond": {"status": 200, "json": {"n": i}}})
+    document["routes"] = [*document["routes"], *extra]
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+def nginx_config(prefix: Path, server: str) -> str:
+    temp = "\n".join(f"  {kind}_temp_path {prefix}/tmp/{kind};"
+                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return f"""\
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+{temp}
+{server}
+}}
+"""
+
+
+def _nginx_literal(document: dict[str, object]) -> str:
+    text = json.dumps(document, separators=(",", ":"))
+    if any(c in text for c in "'$\\"):
+        raise ValueError("JSON not representable as an nginx literal")
+    return text
+
+
+class Bench:
+    """The shared setup of one benchmark run."""
+
+    def __init__(self, workdir: Path, *, python: str = sys.executable,
+                 use_nginx: bool = True) -> None:
+        self.workdir = workdir
+        self.python = python
+        self.procs = Processes(workdir)
+        self.nginx = which("nginx") if use_nginx else None
+        self.keys = generate_dev_keys(workdir / "keys")
+        self.upstream_port = free_port()
+        self.upstream_url = f"http://127.0.0.1:{self.upstream_port}"
+        self.issuer = f"{self.upstream_url}/api/auth"
+        self.token = mint_user_token(self.keys.user, issuer=self.issuer, ttl=6 * 3600)
+        self.upstream_kind = ""
+        self.headers = (("Authorization", f"Bearer {self.token}"),)
+        self.access_logs: list[Path] = []
+
+    # -- upstream ----------------------------------------------------------------------------
+    def start_upstream(self) -> None:
+        if self.nginx:
+            jwks = _nginx_literal(self.keys.user_jwks())
+            body = _nginx_literal(SERVICE)
+            server = f"""\
+  server {{
+    listen 127.0.0.1:{self.upstream_port} backlog=4096;
+    keepalive_requests 100000000;
+    default_type application/json;
+    location = /api/auth/.well-known/jwks.json {{ return 200 '{jwks}'; }}
+    location / {{ return 200 '{body}'; }}
+  }}"""
+            self._start_nginx("upstream", server, self.upstream_port)
+            self.upstream_kind = "nginx (1 worker, fixed JSON)"
+        else:
+            (self.workdir / "jwks.json").write_text(json.dumps(self.keys.user_jwks()))
+            (self.workdir / "body.json").write_text(json.dumps(SERVICE))
+            proc = self.procs.start("upstream", [
+                self.python, "-m", "bench.fastserver", "--port", str(self.upstream_port),
+                "--jwks", str(self.workdir / "jwks.json"),
+                "--body", str(self.workdir / "body.json")], env=self._env())
+            wait_for_port(self.upstream_port, START_TIMEOUT, proc)
+            self.upstream_kind = "bench.fastserver (asyncio, fixed JSON)"
+
+    def _start_nginx(self, name: str, server: str, port: int) -> int:
+        assert self.nginx is not None
+        prefix = self.workdir / name
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (prefix / "tmp" / kind).mkdir(parents=True, exist_ok=True)
+        conf = prefix / "nginx.conf"
+        conf.write_text(nginx_config(prefix, server))
+        proc = self.procs.start(name, [self.nginx, "-p", str(prefix), "-c", str(conf),
+                                       "-e", str(prefix / "error.log"), "-g", "daemon off;"])
+        wait_for_port(port, START_TIMEOUT, proc)
+        return proc.pid
+
+    # -- targets -----------------------------------------------------------------------------
+    def direct(self) -> Target:
+        return Target("direct", f"direct to upstream ({self.upstream_kind})",
+                      self.upstream_url + UPSTREAM_PATH)
+
+    def nginx_proxy(self) -> Target | None:
+        if not self.nginx:
+            return None
+        port = free_port()
+        server = f"""\
+  upstream backend {{
+    server 127.0.0.1:{self.upstream_port};
+    keepalive 64;
+    keepalive_requests 100000000;
+  }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    keepalive_requests 100000000;
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}"""
+        pid = self._start_nginx("nginx-proxy", server, port)
+        return Target("nginx", "nginx reverse proxy (1 worker)",
+                      f"http://127.0.0.1:{port}{REQUEST_PATH}", pid)
+
+    def mitmdump(self) -> Target:
+        port = free_port()
+        mitmdump = shutil.which("mitmdump", path=str(Path(self.python).parent)) or "mitmdump"
+        confdir = self.workdir / "mitmdump-conf"
+        confdir.mkdir(exist_ok=True)
+        proc = self.procs.start("mitmdump", [
+            mitmdump, "--mode", f"reverse:{self.upstream_url}", "-q",
+            "--listen-host", "127.0.0.1", "--listen-port", str(port),
+            "--set", f"confdir={confdir}"], env=self._env())
+        wait_for_port(port, START_TIMEOUT, proc)
+        return Target("mitmdump", "stock mitmdump --mode reverse -q",
+                      f"http://127.0.0.1:{port}{REQUEST_PATH}", proc.pid)
+
+    def stagedoor(self, name: str, label: str, *, routes: int = 0, workers: int = 1) -> Target:
+        """A ``stagedoor run`` with the shipped policy (or ``routes`` generated ones)."""
+        config = self.workdir / "app-config.yaml"
+        config.write_text(f"""\
+backend:
+  baseUrl: {self.upstream_url}
+insights:
+  externalApiUrl: {self.upstream_url}
+stagedoor:
+  listen: 127.0.0.1:0
+""")
+        if routes:
+            policies = self.workdir / f"policies-{routes}"
+            policies.mkdir(exist_ok=True)
+            (policies / "insights.yaml").write_text(generated_policy(routes))
+        else:
+            policies = ROOT / "policies"
+        args = [self.python, "-m", "stagedoor.cli", "run", "--config", str(config),
+                "--policies", str(policies), "--listen", "127.0.0.1:0", "--admin", "off"]
+        if workers != 1:
+            args += ["--workers", str(workers)]
+        access_log = self.workdir / f"{name}.access.log"
+        self.access_logs.append(access_log)
+        proc = self.procs.start(name, args, env=self._env(), stdout=access_log)
+        match = wait_for_line(self.procs.log(name), _LISTENING, START_TIMEOUT, proc)
+        return Target(name, label, f"http://{match.group(1)}:{match.group(2)}{REQUEST_PATH}",
+                      proc.pid)
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("INSIGHTS_", "BACKSTAGE_", "PYTHON"))}
+        env["PYTHONPATH"] = str(ROOT)
+        return env
+
+    # -- checks ------------------------------------------------------------------------------
+    def preflight(self, target: Target) -> None:
+        """One request through ``target``: it must answer 200 with the upstream's JSON."""
+        host, _, rest = target.url.removeprefix("http://").partition("/")
+        h, _, p = host.partition(":")
+        conn = http.client.HTTPConnection(h, int(p), timeout=15)
+        try:
+            conn.request("GET", "/" + rest, headers=dict(self.headers))
+            response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        if response.status != 200 or b"payments-api" not in body:
+            raise RuntimeError(f"{target.name}: preflight got {response.status}: {body[:300]!r}")
+
+    def stop(self, target: Target) -> None:
+        for _, proc in list(self.procs.procs):
+            if proc.pid == target.pid:
+                self.procs.stop(proc)
+
+    def close(self) -> None:
+        self.procs.stop_all()
