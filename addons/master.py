@@ -8,8 +8,8 @@ plus ours, which roughly doubles throughput (MITMPROXY-NOTES.md).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
-import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -18,13 +18,26 @@ from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfi
 
 from stagedoor.runtime import Runtime
 
+from . import lean
 from .gateway import Gateway
+from .lifecycle import install_signal_handlers, operations_addons
 
 log = logging.getLogger("stagedoor")
 
 # Where reverse mode would send a flow that no addon re-routed. Nothing should ever get there
 # (the gateway answers or re-routes every request); port 9 is "discard", refused on loopback.
 UNROUTED_TARGET = "http://127.0.0.1:9"
+_UNROUTED_ADDRESS = ("127.0.0.1", 9)
+
+
+class UnroutedGuard:
+    """Fail closed if a flow ever leaves the gateway neither answered nor re-routed: the
+    connection to ``UNROUTED_TARGET`` is refused here (a 502), whatever listens there."""
+
+    def server_connect(self, data: Any) -> None:
+        if data.server.address == _UNROUTED_ADDRESS and data.server.error is None:
+            log.error("refusing to connect a flow the gateway did not route (a bug)")
+            data.server.error = "stagedoor: the gateway did not route this request"
 
 
 class ReadyAnnouncer:
@@ -36,6 +49,12 @@ class ReadyAnnouncer:
     def running(self) -> None:
         from mitmproxy import ctx
 
+        # What is loaded by now (policies and their compiled routes, mitmproxy, the certificate
+        # store) lives as long as the process: keep it out of the collector's full passes, which
+        # otherwise walk every route object on the hot path (~190 ms per pass with 10,000 routes,
+        # measured). Acyclic, so a reload still frees the old policies by reference counting.
+        gc.collect()
+        gc.freeze()
         server = ctx.master.addons.get("proxyserver")
         addrs = [(a[0], a[1]) for a in server.listen_addrs()] if server else []
         if self.on_ready is not None:
@@ -58,10 +77,14 @@ def proxy_options(host: str, port: int) -> dict[str, Any]:
 
 def build_lean_master(runtime: Runtime, host: str, port: int,
                       on_ready: Callable[[list[tuple[str, int]]], None] | None = None,
-                      extra_addons: list[Any] | None = None) -> master.Master:
-    """Must be called inside a running event loop."""
+                      extra_addons: list[Any] | None = None,
+                      admin: tuple[str, int] | bool | None = True) -> master.Master:
+    """Must be called inside a running event loop. ``admin``: the admin listener's address
+    (True: ``stagedoor.admin.listen``; None: none)."""
     opts = options.Options()
     m = master.Master(opts, event_loop=asyncio.get_running_loop(), with_termlog=False)
+    lean.install(m)  # per-request hook dispatch at a tenth of the cost (addons/lean.py)
+    lean.skip_debug_type_checks()
     m.addons.add(
         core.Core(),
         proxyserver.Proxyserver(),
@@ -69,7 +92,9 @@ def build_lean_master(runtime: Runtime, host: str, port: int,
         tlsconfig.TlsConfig(),
         errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
         Gateway(runtime),
+        *operations_addons(runtime, admin),  # lifecycle, access log, metrics, reload, admin
         *(extra_addons or []),
+        UnroutedGuard(),
         ReadyAnnouncer(on_ready),
     )
     m.options.update(**proxy_options(host, port))
@@ -78,10 +103,58 @@ def build_lean_master(runtime: Runtime, host: str, port: int,
 
 async def serve(runtime: Runtime, host: str, port: int,
                 on_ready: Callable[[list[tuple[str, int]]], None] | None = None,
-                extra_addons: list[Any] | None = None) -> None:
-    """Run the sidecar until SIGINT/SIGTERM."""
-    m = build_lean_master(runtime, host, port, on_ready, extra_addons)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, m.shutdown)
+                extra_addons: list[Any] | None = None,
+                admin: tuple[str, int] | bool | None = True) -> None:
+    """Run the sidecar until SIGINT/SIGTERM (a graceful drain, addons/lifecycle.py); SIGHUP
+    reloads policies and config."""
+    m = build_lean_master(runtime, host, port, on_ready, extra_addons, admin)
+    install_signal_handlers(m)
+    await m.run()
+
+
+# -- inspect: mitmweb's master ---------------------------------------------------------------------
+def build_web_master(runtime: Runtime, host: str, port: int, web_host: str, web_port: int,
+                     settings: Any,
+                     on_ready: Callable[[list[tuple[str, int]], str], None] | None = None,
+                     extra_addons: list[Any] | None = None,
+                     admin: tuple[str, int] | bool | None = None) -> Any:
+    """mitmweb's ``WebMaster`` with the same stagedoor addons, for ``inspect``: decisions on
+    every flow, secrets redacted from the UI and ``--save`` (``addons/inspect.py``; ``settings``
+    is its ``InspectSettings``). ``on_ready`` gets the proxy addresses and the web UI's URL,
+    token included. No admin listener unless ``admin`` says so. Must be called inside a running
+    event loop."""
+    from mitmproxy.tools.web.master import WebMaster
+
+    from . import inspect
+
+    m = WebMaster(options.Options(), with_termlog=False)
+    m.addons.add(Gateway(runtime), *operations_addons(runtime, admin), UnroutedGuard())
+    inspect.install(m, settings)  # after the gateway: annotations need its decision
+    m.addons.add(
+        *(extra_addons or []),
+        ReadyAnnouncer(None if on_ready is None else lambda addrs: on_ready(addrs, m.web_url)),
+    )
+    m.options.update(
+        **proxy_options(host, port),
+        web_host=web_host,
+        web_port=web_port,
+        web_open_browser=False,
+        web_columns=inspect.WEB_COLUMNS,
+        # Behave like the lean master: no onboarding app, no client blocking, no header edits.
+        onboarding=False,
+        block_global=False,
+        keep_alt_svc_header=True,
+    )
+    return m
+
+
+async def serve_web(runtime: Runtime, host: str, port: int, web_host: str, web_port: int,
+                    settings: Any,
+                    on_ready: Callable[[list[tuple[str, int]], str], None] | None = None,
+                    extra_addons: list[Any] | None = None,
+                    admin: tuple[str, int] | bool | None = None) -> None:
+    """Run the sidecar under mitmweb until SIGINT/SIGTERM (graceful, as ``serve``)."""
+    m = build_web_master(runtime, host, port, web_host, web_port, settings, on_ready,
+                         extra_addons, admin)
+    install_signal_handlers(m)
     await m.run()

@@ -25,15 +25,25 @@ DEV_DIR = Path(".stagedoor/dev")
 log = logging.getLogger("stagedoor")
 
 
-def _setup_logging(level: str = "info") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # mitmproxy's per-connection chatter is not an operator's concern.
-    logging.getLogger("mitmproxy").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+def _setup_logging(level: str = "info", fmt: str = "text") -> None:
+    """Diagnostics on stderr (``stagedoor.log.level`` / ``stagedoor.log.format``)."""
+    from .logsetup import configure_logging
+
+    configure_logging(level, fmt)  # also quiets mitmproxy's and httpx's chatter
+
+
+def _admin_address(text: str | None) -> tuple[str, int] | bool | None:
+    """``--admin HOST:PORT`` or ``off``; not given: True (``stagedoor.admin.listen``)."""
+    if text is None:
+        return True
+    if text.strip().lower() in ("off", "none", "false"):
+        return None
+    from .runtime import parse_listen
+
+    try:
+        return parse_listen(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--admin wants HOST:PORT or off, got {text!r}") from None
 
 
 def _parse_listen(text: str) -> tuple[str, int]:
@@ -113,9 +123,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     runtime = _load_runtime(_config_files(args), args.policies)
     if runtime is None:
         return 1
-    _setup_logging(runtime.config.get_string("stagedoor.log.level", "info") or "info")
+    _setup_logging(runtime.operations.log_level, runtime.operations.log_format)
     try:
         host, port = _listen_from(args, runtime)
+        admin = _admin_address(args.admin)
     except argparse.ArgumentTypeError as exc:
         return _fail(str(exc))
 
@@ -124,9 +135,103 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("stagedoor listening on %s (%d plugin(s), %d route(s))", where,
                  len(runtime.policies.plugins), runtime.policies.route_count)
 
+    loop_factory = None
+    if args.workers > 1 and args.worker_index is None:  # the supervisor (stagedoor/supervisor.py)
+        from . import supervisor
+
+        def all_ready(h: str, p: int, pids: list[int]) -> None:
+            log.info("stagedoor listening on http://%s (%d workers, pids %s; %d plugin(s), "
+                     "%d route(s))", supervisor.format_address(h, p), len(pids),
+                     " ".join(map(str, pids)), len(runtime.policies.plugins),
+                     runtime.policies.route_count)
+
+        return supervisor.supervise(
+            args.argv, args.workers, host, port,
+            runtime.operations.admin_listen if admin is True else admin or None,
+            runtime.operations.grace_period, all_ready)
+    if args.worker_index is not None:  # one of the supervisor's workers
+        from . import supervisor
+
+        supervisor.exit_with_parent()
+        loop_factory = supervisor.worker_loop_factory(port)
+        index, ready_fd = args.worker_index, args.ready_fd
+
+        def ready(addrs: list[tuple[str, int]]) -> None:  # the supervisor says "listening"
+            supervisor.announce_ready(ready_fd, index)
+
     from addons.master import serve
 
-    asyncio.run(serve(runtime, host, port, on_ready=ready))
+    asyncio.run(serve(runtime, host, port, on_ready=ready, admin=admin),
+                loop_factory=loop_factory)
+    return 0
+
+
+# -- inspect ---------------------------------------------------------------------------------------
+DEFAULT_WEB = "127.0.0.1:8081"
+
+
+def _web_address(text: str) -> tuple[str, int]:
+    """``--web HOST:PORT``: loopback only; port 0 picks a free port now (mitmweb prints and
+    keys its login cookie on the configured port, so it must be the real one)."""
+    import ipaddress
+    import socket
+
+    host, port = _parse_listen(text)
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise argparse.ArgumentTypeError(
+            f"--web must be a loopback address (127.0.0.1, ::1 or localhost), got {host!r}: "
+            "the UI shows live traffic")
+    if port == 0:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family) as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+    return host, port
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    runtime = _load_runtime(_config_files(args), args.policies)
+    if runtime is None:
+        return 1
+    _setup_logging(runtime.operations.log_level, runtime.operations.log_format)
+    try:
+        host, port = _listen_from(args, runtime)
+        web_host, web_port = _web_address(args.web)
+    except argparse.ArgumentTypeError as exc:
+        return _fail(str(exc))
+    from addons.inspect import InspectSettings
+
+    try:
+        settings = InspectSettings.from_config(runtime.config, runtime.settings,
+                                               max_flows=args.max_flows, save_path=args.save)
+    except ConfigError as exc:
+        return _fail(str(exc))
+
+    def ready(addrs: list[tuple[str, int]], web_url: str) -> None:
+        where = ", ".join(f"http://{h}:{p}" for h, p in addrs)
+        log.info("stagedoor listening on %s (%d plugin(s), %d route(s))", where,
+                 len(runtime.policies.plugins), runtime.policies.route_count)
+        # Printed once, here only: the token in this URL is the UI's only key.
+        print(f"\nstagedoor inspect: web UI at {web_url}\n"
+              f"  (loopback only; keeps the last {settings.max_flows} flows; secrets redacted"
+              + (f"; saving to {settings.save_path}" if settings.save_path else "") + ")\n",
+              file=sys.stderr, flush=True)
+
+    from addons.master import serve_web
+
+    try:
+        asyncio.run(serve_web(runtime, host, port, web_host, web_port, settings, on_ready=ready))
+    except OSError as exc:  # the web port is taken, --save cannot be written...
+        import errno
+
+        if exc.errno == errno.EADDRINUSE and "Web server" in str(exc):
+            return _fail(f"inspect: the web UI address {web_host}:{web_port} is in use; choose "
+                         "another with --web HOST:PORT (port 0 picks a free one)")
+        return _fail(f"inspect: {exc}")
     return 0
 
 
@@ -149,9 +254,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     runtime = _load_runtime(_config_files(args), args.policies)
     if runtime is None:
         return 1
-    _setup_logging("info")
+    if not runtime.config.has("stagedoor.log.format"):  # a person is watching: text
+        from dataclasses import replace
+
+        runtime.operations = replace(runtime.operations, log_format="text")
+    _setup_logging(runtime.operations.log_level, runtime.operations.log_format)
     try:
         host, port = _listen_from(args, runtime)
+        admin = _admin_address(args.admin)
     except argparse.ArgumentTypeError as exc:
         return _fail(str(exc))
     user_token = mint_user_token(keys.user, issuer=f"{backend.base_url}/api/auth")
@@ -185,7 +295,7 @@ stagedoor demo: sidecar on http://{h}:{p}, demo upstream on {backend.base_url}
 
     from addons.master import serve
 
-    asyncio.run(serve(runtime, host, port, on_ready=ready))
+    asyncio.run(serve(runtime, host, port, on_ready=ready, admin=admin))
     backend.shutdown()
     return 0
 
@@ -226,6 +336,42 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0 if decision.allowed else 1
 
 
+# -- openapi ---------------------------------------------------------------------------------------
+def cmd_openapi(args: argparse.Namespace) -> int:
+    from .openapi import SERVE_KEY, build_document, load_for_document, render
+
+    files = args.config or ([DEFAULT_CONFIG] if Path(DEFAULT_CONFIG).is_file() else [])
+    try:
+        policies, config = load_for_document(args.policies, files)
+        serve_self = config.get_bool(SERVE_KEY, False)
+    except PolicyLoadError as exc:
+        for problem in exc.problems:
+            print(f"stagedoor: {problem}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        return _fail(str(exc))
+    warnings: list[str] = []
+    try:
+        document = build_document(policies, plugin_ids=args.plugin or None,
+                                  serve_self=serve_self, warnings=warnings)
+    except KeyError as exc:
+        return _fail(str(exc.args[0]))
+    for warning in warnings:
+        print(f"stagedoor: warning: {warning}", file=sys.stderr)
+    if args.format == "yaml":
+        import yaml
+
+        data = yaml.safe_dump(document, sort_keys=False, allow_unicode=True).encode("utf-8")
+    else:
+        data = render(document)
+    if args.output and args.output != "-":
+        Path(args.output).write_bytes(data)
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    return 0
+
+
 # -- entry point -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stagedoor", description=__doc__.splitlines()[0])
@@ -235,7 +381,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(run)
     run.add_argument("--listen", metavar="HOST:PORT",
                      help=f"proxy address (default: stagedoor.listen or {DEFAULT_LISTEN})")
+    run.add_argument("--admin", metavar="HOST:PORT",
+                     help="admin listener (/metrics, /healthz, /readyz), or 'off'; port 0 picks "
+                          "a free one (default: stagedoor.admin.listen or 127.0.0.1:9464)")
+    run.add_argument("--workers", type=_worker_count, default=1, metavar="N",
+                     help="N processes sharing the listening port (SO_REUSEPORT), supervised; "
+                          "worker i's admin listener is on the admin port + i (default: 1)")
+    run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor
+    run.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
+
+    insp = sub.add_parser("inspect", help="run the sidecar under mitmweb: each request's "
+                          "decision in a web UI, secrets redacted")
+    _add_common(insp)
+    insp.add_argument("--listen", metavar="HOST:PORT",
+                      help=f"proxy address (default: stagedoor.listen or {DEFAULT_LISTEN})")
+    insp.add_argument("--web", metavar="HOST:PORT", default=DEFAULT_WEB,
+                      help=f"web UI address, loopback only; port 0 picks a free one "
+                           f"(default: {DEFAULT_WEB})")
+    insp.add_argument("--save", metavar="FILE",
+                      help="also write every finished flow, redacted, to this mitmproxy flow file")
+    insp.add_argument("--max-flows", type=int, metavar="N",
+                      help="flows the UI keeps, oldest dropped first "
+                           "(default: stagedoor.inspect.maxFlows or 1000)")
+    insp.set_defaults(func=cmd_inspect)
 
     check = sub.add_parser("check", help="validate config and policies; exit 1 listing problems")
     _add_common(check)
@@ -244,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the sidecar in front of a bundled demo upstream")
     _add_common(demo)
     demo.add_argument("--listen", metavar="HOST:PORT", default=DEFAULT_LISTEN)
+    demo.add_argument("--admin", metavar="HOST:PORT", default="127.0.0.1:0",
+                      help="admin listener, or 'off' (default: a free loopback port, logged)")
     demo.add_argument("--upstream-port", type=int, default=7008)
     demo.add_argument("--dev-dir", default=str(DEV_DIR))
     demo.set_defaults(func=cmd_demo)
@@ -260,6 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="act as this verified service subject (e.g. plugin:catalog)")
     explain.set_defaults(func=cmd_explain)
 
+    openapi = sub.add_parser("openapi", help="print the OpenAPI 3.1 document of the policies")
+    _add_common(openapi)
+    openapi.add_argument("--plugin", action="append", metavar="ID",
+                         help="only this plugin (repeat for several; default: all)")
+    openapi.add_argument("--format", choices=("json", "yaml"), default="json")
+    openapi.add_argument("--output", "-o", metavar="FILE", help="write here (default: stdout)")
+    openapi.set_defaults(func=cmd_openapi)
+
     token = sub.add_parser("token", help="mint a dev token signed with the demo's dev keys")
     who = token.add_mutually_exclusive_group()
     who.add_argument("--user", default="user:default/jane", help="user entity ref")
@@ -272,8 +451,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _worker_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 256:
+        raise argparse.ArgumentTypeError(f"--workers wants a number from 1 to 256, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for --workers: the workers' own
     return int(args.func(args) or 0)
 
 

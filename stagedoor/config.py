@@ -153,13 +153,22 @@ class Config:
         return value
 
 
-def _substituted(value: Any, env: Mapping[str, str]) -> Any:
+#: Values one config file may expand to: YAML aliases are copied here, so a few hundred bytes
+#: of nested aliases ("billion laughs") would otherwise become billions of objects.
+MAX_VALUES = 100_000
+
+
+def _substituted(value: Any, env: Mapping[str, str], budget: list[int] | None = None) -> Any:
+    budget = [MAX_VALUES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ConfigError(f"more than {MAX_VALUES} values (nested aliases?)")
     if isinstance(value, str):
         return substitute_env(value, env)
     if isinstance(value, list):
-        return [_substituted(item, env) for item in value]
+        return [_substituted(item, env, budget) for item in value]
     if isinstance(value, dict):
-        return {str(k): _substituted(v, env) for k, v in value.items()}
+        return {str(k): _substituted(v, env, budget) for k, v in value.items()}
     return value
 
 
@@ -210,5 +219,9 @@ def load_config(files: list[str | Path], env: Mapping[str, str] | None = None) -
             continue
         if not isinstance(loaded, dict):
             raise ConfigError(f"{name}:1: a config file must be a mapping at the top level")
-        _merge(config.data, _substituted(loaded, environ), config.origins, name)
+        try:
+            substituted = _substituted(loaded, environ)
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+        _merge(config.data, substituted, config.origins, name)
     return config

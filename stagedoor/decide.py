@@ -8,6 +8,7 @@ is not cached yet: the caller fetches it (asynchronously) and calls ``decide`` a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -18,6 +19,7 @@ from .routing import PathRejected, split_segments
 from .tokens import CredentialError, KeySourceUnavailable, Principal, extract_bearer
 
 API_PREFIX = "/api/"
+_SAFE_QUERY = re.compile(r"[\x21-\x7e]*")  # printable ASCII, no space
 
 
 class Verifier(Protocol):
@@ -151,6 +153,11 @@ def decide(request: GatewayRequest, policies: PolicySet, verifier: Verifier | No
 
     if "#" in target:
         return _deny(decision, "path", ApiError(400, "Invalid request path"), "fragment in target")
+    if query and not _SAFE_QUERY.fullmatch(query):
+        # The query is forwarded as sent: no control bytes or raw non-ASCII (RFC 3986), which
+        # upstream parsers disagree about.
+        return _deny(decision, "path", ApiError(400, "Invalid request target"),
+                     "control or non-ASCII byte in query")
     try:
         segments = split_segments(slash + rest)
     except PathRejected as exc:

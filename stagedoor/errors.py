@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
@@ -54,12 +55,27 @@ class ApiError:
         return self.name or ERROR_NAMES.get(self.status, "Error")
 
 
+_ESCAPED_BYTES = re.compile(r"[^\ud800-\udc7f\udd00-\udfff]*")  # lone surrogates: \udc80-ff
+
+
+def utf8_safe(text: str) -> str:
+    """``text`` as it can go into a UTF-8 body. mitmproxy hands over request bytes that are not
+    UTF-8 as lone surrogates (``\\udce9``), which no UTF-8 encoder takes; they are shown as
+    ``\\xe9`` instead (other lone surrogates as ``\\ud800``)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        errors = "surrogateescape" if _ESCAPED_BYTES.fullmatch(text) else "backslashreplace"
+        return text.encode("utf-8", errors).decode("utf-8", "backslashreplace")
+
+
 def error_body(status: int, name: str, message: str, method: str, url: str) -> bytes:
-    """The JSON body Backstage's error handler writes (no stack, ever)."""
+    """The JSON body Backstage's error handler writes (no stack, ever). Never raises."""
     return json.dumps(
         {
-            "error": {"name": name, "message": message},
-            "request": {"method": method, "url": url},
+            "error": {"name": utf8_safe(name), "message": utf8_safe(message)},
+            "request": {"method": utf8_safe(method), "url": utf8_safe(url)},
             "response": {"statusCode": status},
         },
         separators=(",", ":"),

@@ -6,20 +6,62 @@ single attribute assignment, so a request sees either the old or the new set, ne
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .config import Config, ConfigError, load_config
 from .errors import SECURITY_HEADERS
+from .logsetup import LOG_FORMATS, parse_level
 from .permissions import Authorizer
-from .policy import PolicySet, load_policies
+from .policy import PolicySet, load_policies, parse_duration, policy_files
 from .tokens import AuthSettings, TokenVerifier
 
 log = logging.getLogger("stagedoor")
 
 DEFAULT_REDACTED_QUERY_KEYS = ("token", "access_token", "id_token", "api_key", "apikey", "key",
-                               "secret", "password", "signature", "sig", "code")
+                               "secret", "password", "signature", "sig", "code", "jwt",
+                               "bearer", "authorization", "auth", "refresh_token",
+                               "client_secret")
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:9464"
+DEFAULT_GRACE_PERIOD = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one client may send, and when an answer is streamed (``stagedoor.limits``).
+
+    Defaults follow Node's HTTP server, which a Backstage backend runs on: 16 KiB of request
+    head, 60 s to send it. 0 disables a limit.
+    """
+
+    max_header_bytes: int = 16384      # maxHeaderBytes: request line + header fields -> 431
+    max_header_count: int = 100        # maxHeaderCount -> 431
+    max_body_bytes: int = 10 << 20     # maxBodyBytes -> 413
+    header_timeout: float = 60.0       # headerTimeoutSeconds: then the connection is closed
+    stream_response_bytes: int = 1 << 20  # streamResponseBytes: larger answers are streamed
+
+    @classmethod
+    def from_config(cls, config: Config) -> Limits:
+        def number(key: str, default: float, high: float) -> float:
+            value = config.get_number(f"stagedoor.limits.{key}", default)
+            if not (value == value and 0 <= value <= high):  # NaN-safe
+                raise _invalid(config, f"stagedoor.limits.{key}",
+                               f"must be between 0 and {high:g}, got {value:g}")
+            return value
+
+        d = cls()  # the defaults (slots: no class attributes to read them from)
+        return cls(
+            max_header_bytes=int(number("maxHeaderBytes", d.max_header_bytes, 1 << 24)),
+            max_header_count=int(number("maxHeaderCount", d.max_header_count, 100_000)),
+            max_body_bytes=int(number("maxBodyBytes", d.max_body_bytes, 1 << 40)),
+            header_timeout=number("headerTimeoutSeconds", d.header_timeout, 3600),
+            stream_response_bytes=int(number("streamResponseBytes", d.stream_response_bytes,
+                                             1 << 40)),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +72,7 @@ class GatewaySettings:
     access_log: bool = True
     redacted_query_keys: frozenset[str] = frozenset(DEFAULT_REDACTED_QUERY_KEYS)
     trust_forwarded_headers: bool = False
+    limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def from_config(cls, config: Config) -> GatewaySettings:
@@ -61,7 +104,132 @@ class GatewaySettings:
             security_headers=headers,
             access_log=config.get_bool("stagedoor.accessLog.enabled", True),
             redacted_query_keys=frozenset(redacted | set(DEFAULT_REDACTED_QUERY_KEYS)),
+            limits=Limits.from_config(config),
         )
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port); raises ValueError."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"wants HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class OperationsSettings:
+    """How the process is operated: logs, admin listener, reload and shutdown (``stagedoor.*``).
+
+    ``admin_listen`` None means no admin listener. The admin address applies at start only; the
+    rest takes effect on reload too.
+    """
+
+    log_level: str = "info"
+    log_format: str = "json"
+    admin_listen: tuple[str, int] | None = ("127.0.0.1", 9464)
+    watch: bool = True
+    grace_period: float = DEFAULT_GRACE_PERIOD
+
+    @classmethod
+    def from_config(cls, config: Config) -> OperationsSettings:
+        level = config.get_string("stagedoor.log.level", "info") or "info"
+        try:
+            parse_level(level)
+        except ValueError as exc:
+            raise _invalid(config, "stagedoor.log.level", str(exc)) from None
+        fmt = (config.get_string("stagedoor.log.format", "json") or "json").strip().lower()
+        if fmt not in LOG_FORMATS:
+            raise _invalid(config, "stagedoor.log.format",
+                           f"use one of {', '.join(LOG_FORMATS)}, got {fmt!r}")
+        admin: tuple[str, int] | None = None
+        raw_admin = config.get("stagedoor.admin.listen", DEFAULT_ADMIN_LISTEN)
+        if raw_admin is not False and str(raw_admin).strip().lower() not in ("off", "false", ""):
+            try:
+                admin = parse_listen(str(raw_admin))
+            except ValueError as exc:
+                raise _invalid(config, "stagedoor.admin.listen", str(exc)) from None
+        grace_raw = config.get("stagedoor.shutdown.gracePeriod", DEFAULT_GRACE_PERIOD)
+        try:
+            grace = 0.0 if grace_raw in (0, "0", "0s") else parse_duration(grace_raw)
+        except ValueError as exc:
+            raise _invalid(config, "stagedoor.shutdown.gracePeriod", str(exc)) from None
+        return cls(
+            log_level=level.strip().lower(),
+            log_format=fmt,
+            admin_listen=admin,
+            watch=config.get_bool("stagedoor.reload.watch", True),
+            grace_period=grace,
+        )
+
+
+def _invalid(config: Config, key: str, problem: str) -> ConfigError:
+    return ConfigError(f"Invalid config value at '{key}' in '{config._origin(key)}': {problem}")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedState:
+    """Everything read from the files, parsed and validated, before anything is swapped in."""
+
+    config: Config
+    settings: GatewaySettings
+    operations: OperationsSettings
+    policies: PolicySet
+    auth: AuthSettings
+    authorizer: Authorizer
+    authorizer_inputs: tuple[Any, ...]  # what the authorizer was built from (reuse if equal)
+    fingerprint: str = ""  # input_fingerprint() of the files, taken before reading them
+
+
+def load_state(config_files: Sequence[str], policy_dir: str) -> LoadedState:
+    """Read and validate config and policies; no network, no side effects, safe off-loop.
+
+    Raises ConfigError / MissingConfigError / PolicyLoadError.
+    """
+    fingerprint = input_fingerprint(config_files, policy_dir)
+    config = load_config(list(config_files))
+    settings = GatewaySettings.from_config(config)
+    operations = OperationsSettings.from_config(config)
+    policies = load_policies(Path(policy_dir), config)
+    auth = AuthSettings.from_config(config)
+    permission_url = _permission_base_url(auth)
+    authorizer = Authorizer.from_config(config, permission_url)
+    inputs = (repr(config.get("stagedoor.permissions")), permission_url)
+    return LoadedState(config, settings, operations, policies, auth, authorizer, inputs,
+                       fingerprint)
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadReport:
+    """What :meth:`Runtime.apply` changed."""
+
+    plugins: int
+    routes: int
+    verifier_replaced: bool
+    authorizer_replaced: bool
+    restart_needed: tuple[str, ...] = ()  # config keys that changed but apply at start only
+
+
+def input_fingerprint(config_files: Sequence[str], policy_dir: str) -> str:
+    """A digest of every file a load reads (through symlinks): equal digests, equal inputs.
+
+    Lets a watcher ignore events that changed nothing it reads (editor swap files, a ConfigMap
+    swap to identical content) without parsing anything.
+    """
+    digest = hashlib.sha256()
+    root = Path(policy_dir)
+    try:
+        files = [Path(f) for f in config_files] + policy_files(root)
+    except OSError as exc:
+        files = [Path(f) for f in config_files]
+        digest.update(f"policy dir: {exc}".encode())
+    for path in files:
+        digest.update(str(path).encode("utf-8", "surrogateescape") + b"\0")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            data = f"unreadable: {exc.strerror}".encode()
+        digest.update(len(data).to_bytes(8, "big") + data)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -73,17 +241,61 @@ class Runtime:
     policies: PolicySet
     verifier: TokenVerifier | None
     authorizer: Authorizer | None = None
+    operations: OperationsSettings = field(default_factory=OperationsSettings)
+    #: Token stats of verifiers replaced by reloads, so counters built on them never go down.
+    retired_token_stats: dict[str, int] = field(default_factory=dict)
+    #: input_fingerprint() of the files the current state was loaded from.
+    fingerprint: str = ""
+    _authorizer_inputs: tuple[Any, ...] = ()
 
     @classmethod
     def load(cls, config_files: list[str], policy_dir: str) -> Runtime:
         """Load everything; raises ConfigError / MissingConfigError / PolicyLoadError."""
-        config = load_config(config_files)
-        settings = GatewaySettings.from_config(config)
-        policies = load_policies(Path(policy_dir), config)
-        auth_settings = AuthSettings.from_config(config)
-        verifier = TokenVerifier(auth_settings)
-        authorizer = Authorizer.from_config(config, _permission_base_url(auth_settings))
-        return cls(config_files, policy_dir, config, settings, policies, verifier, authorizer)
+        state = load_state(config_files, policy_dir)
+        return cls(config_files, policy_dir, state.config, state.settings, state.policies,
+                   TokenVerifier(state.auth), state.authorizer, state.operations,
+                   fingerprint=state.fingerprint, _authorizer_inputs=state.authorizer_inputs)
+
+    def apply(self, state: LoadedState) -> ReloadReport:
+        """Swap in a validated state. Call on the event loop's thread.
+
+        Plain attribute assignments with no await in between: a request snapshots either the
+        old or the new policies/verifier/authorizer, never a mix, and requests in flight finish
+        on what they started with. The token verifier (with its key and token caches) and the
+        authorizer (with its answer cache) are kept when the config they read did not change.
+        A replaced verifier is not closed: in-flight requests may still be awaiting its fetch.
+        """
+        restart: tuple[str, ...] = ()
+        if self.config.get("stagedoor.listen") != state.config.get("stagedoor.listen"):
+            restart += ("stagedoor.listen",)
+        if self.operations.admin_listen != state.operations.admin_listen:
+            restart += ("stagedoor.admin.listen",)
+        if self.operations.watch != state.operations.watch:
+            restart += ("stagedoor.reload.watch",)
+        old_verifier = self.verifier
+        verifier = old_verifier
+        if verifier is None or verifier.settings != state.auth:
+            verifier = TokenVerifier(state.auth)
+        authorizer = self.authorizer
+        if authorizer is None or self._authorizer_inputs != state.authorizer_inputs:
+            authorizer = state.authorizer
+        # -- the swap ---------------------------------------------------------------------
+        self.config = state.config
+        self.settings = state.settings
+        self.operations = state.operations
+        self.policies = state.policies
+        self.verifier = verifier
+        self.authorizer = authorizer
+        self._authorizer_inputs = state.authorizer_inputs
+        self.fingerprint = state.fingerprint
+        # ---------------------------------------------------------------------------------
+        if verifier is not old_verifier and old_verifier is not None:
+            for name, value in old_verifier.stats.items():
+                self.retired_token_stats[name] = self.retired_token_stats.get(name, 0) + value
+        return ReloadReport(len(state.policies.plugins), state.policies.route_count,
+                            verifier_replaced=verifier is not old_verifier,
+                            authorizer_replaced=authorizer is state.authorizer,
+                            restart_needed=restart)
 
 
 def _permission_base_url(settings: AuthSettings) -> str | None:

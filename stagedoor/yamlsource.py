@@ -44,7 +44,17 @@ class DuplicateKeyError(YamlSyntaxError):
     pass
 
 
-def _convert(node: yaml.Node, loader: yaml.SafeLoader) -> Any:
+#: Nodes one document may expand to. Aliases are expanded in place, so a few hundred bytes of
+#: nested aliases ("billion laughs") would otherwise become billions of objects.
+MAX_NODES = 100_000
+
+
+def _convert(node: yaml.Node, loader: yaml.SafeLoader, budget: list[int]) -> Any:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise YamlSyntaxError(node.start_mark.line + 1,
+                              f"document too large: more than {MAX_NODES} values "
+                              "(nested aliases?)")
     line = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         result = LinedMap({}, line)
@@ -54,11 +64,11 @@ def _convert(node: yaml.Node, loader: yaml.SafeLoader) -> Any:
                 key = str(key)
             if key in result.values:
                 raise DuplicateKeyError(key_node.start_mark.line + 1, f"duplicate key '{key}'")
-            result.values[key] = _convert(value_node, loader)
+            result.values[key] = _convert(value_node, loader, budget)
             result.key_lines[key] = key_node.start_mark.line + 1
         return result
     if isinstance(node, yaml.SequenceNode):
-        items = [_convert(child, loader) for child in node.value]
+        items = [_convert(child, loader, budget) for child in node.value]
         return LinedList(items, line, [child.start_mark.line + 1 for child in node.value])
     return LinedScalar(loader.construct_object(node, deep=True), line)
 
@@ -70,7 +80,7 @@ def load_lined(text: str) -> Any:
         node = loader.get_single_node()
         if node is None:
             return None
-        return _convert(node, loader)
+        return _convert(node, loader, [MAX_NODES])
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1

@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import re
-import selectors
 import socket
 import subprocess
 import sys
@@ -93,6 +92,10 @@ class _RecordingHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(payload)))
         self.send_header("X-Upstream", "yes")
+        if self.path.startswith("/v1/hop"):
+            self.send_header("Connection", "keep-alive, X-Hop")
+            self.send_header("X-Hop", "1")
+            self.send_header("Keep-Alive", "timeout=5")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(payload)
@@ -197,6 +200,8 @@ def start_sidecar(config_files: list[Path], policy_dir: Path, env: dict[str, str
     for f in config_files:
         args += ["--config", str(f)]
     args += extra_args or []
+    if "--admin" not in args:  # never the fixed default port: sidecars run side by side
+        args += ["--admin", "127.0.0.1:0"]
     full_env = {k: v for k, v in os.environ.items()
                 if not k.startswith(("INSIGHTS_", "BACKSTAGE_"))}
     full_env.update(env or {})
@@ -205,32 +210,33 @@ def start_sidecar(config_files: list[Path], policy_dir: Path, env: dict[str, str
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     sidecar = Sidecar(proc, "", 0)
     assert proc.stderr is not None and proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stderr, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not sel.select(0.2):
-            if proc.poll() is not None:
-                break
-            continue
-        line = proc.stderr.readline()
-        if not line:
-            break
-        text = line.decode("utf-8", "replace").rstrip("\n")
-        sidecar.stderr_lines.append(text)
-        match = _LISTENING.search(text)
-        if match:
-            sidecar.host, sidecar.port = match.group(1), int(match.group(2))
-            break
-    sel.close()
-    if not sidecar.port:
-        proc.kill()
-        out = proc.stderr.read().decode("utf-8", "replace")
-        raise RuntimeError("stagedoor did not start:\n" + "\n".join(sidecar.stderr_lines) + out)
+    # Pump both pipes from the start and look for the address in what arrived: a select() on
+    # the pipe misses lines a buffered readline() has already pulled in with an earlier one.
     for stream, sink in ((proc.stderr, sidecar.stderr_lines), (proc.stdout, sidecar.stdout_lines)):
         t = threading.Thread(target=_pump, args=(stream, sink), daemon=True)
         t.start()
         sidecar._threads.append(t)
+    deadline = time.monotonic() + timeout
+    seen = 0
+    while not sidecar.port and time.monotonic() < deadline:
+        lines = sidecar.stderr_lines[seen:]
+        seen += len(lines)
+        for text in lines:
+            match = _LISTENING.search(text)
+            if match:
+                sidecar.host, sidecar.port = match.group(1), int(match.group(2))
+                break
+        else:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.02)
+    if not sidecar.port:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(5)
+        for t in sidecar._threads:
+            t.join(2)
+        raise RuntimeError("stagedoor did not start:\n" + "\n".join(sidecar.stderr_lines))
     return sidecar
 
 

@@ -40,6 +40,9 @@ routes:
     auth: unauthenticated
     timeout: 1s
     upstream: ${fixture.silentUrl}/slow
+  - path: /hop
+    auth: unauthenticated
+    upstream: ${insights.externalApiUrl}/v1/hop
   - path: /status/{code}
     auth: unauthenticated
     params: {code: '^[1-5][0-9][0-9]$'}
@@ -280,6 +283,17 @@ def test_upstream_status_and_body_pass_through(env):
     assert resp.json() == {"upstream": "said so"}
 
 
+def test_hop_by_hop_headers_are_not_passed_either_way(env):
+    resp = env.get("/api/fixture/items/x", token=env.token,
+                   extra=[("X-Client-Hop", "1"), ("Connection", "X-Client-Hop")])
+    assert resp.status == 200
+    assert "x-client-hop" not in last_seen(env.json).headers
+    resp = env.get("/api/fixture/hop")
+    assert resp.status == 200
+    assert resp.header("x-hop") is None and resp.header("keep-alive") is None
+    assert resp.header("x-upstream") == "yes"
+
+
 def test_non_json_upstream_body_passes_through(env):
     resp = env.get("/api/fixture/text")
     assert resp.status == 200
@@ -314,6 +328,19 @@ def test_silent_upstream_is_504_after_the_route_timeout(env):
     assert_error(resp, 504, "GatewayTimeoutError", "The upstream did not answer in time", "GET",
                  "/slow")
     assert 0.9 <= elapsed < 5, elapsed
+
+
+def test_head_on_a_refused_upstream_gets_no_body(env):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", env.port), timeout=10) as sock:
+        sock.sendall(b"HEAD /api/fixture/down HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502")
+    assert rest == b""  # bytes after a HEAD answer would be read as the next response
 
 
 def test_proxy_keeps_serving_after_faults(env):
