@@ -33,19 +33,17 @@ class SeenRequest:
     body: bytes
 
 
-class RecordingServer(ThreadingHTTPServer):
-    """An upstream that records every request and answers per ``mode``."""
+class LoopbackServer(ThreadingHTTPServer):
+    """A threaded HTTP server on an ephemeral 127.0.0.1 port, serving from construction on.
+
+    Subclasses set their own attributes *before* calling ``super().__init__``.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, mode: str = "json") -> None:
-        super().__init__(("127.0.0.1", 0), _RecordingHandler)
-        self.mode = mode
-        self.seen: list[SeenRequest] = []
-        self.jwks: dict[str, Any] = {"keys": []}
-        self.jwks_by_path: dict[str, Any] = {}  # path -> JWKS document (or raw bytes)
-        self.hits: dict[str, int] = {}
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
         self.thread.start()
 
@@ -56,6 +54,18 @@ class RecordingServer(ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+
+class RecordingServer(LoopbackServer):
+    """An upstream that records every request and answers per ``mode``."""
+
+    def __init__(self, mode: str = "json") -> None:
+        self.mode = mode
+        self.seen: list[SeenRequest] = []
+        self.jwks: dict[str, Any] = {"keys": []}
+        self.jwks_by_path: dict[str, Any] = {}  # path -> JWKS document (or raw bytes)
+        self.hits: dict[str, int] = {}
+        super().__init__(_RecordingHandler)
 
 
 class _RecordingHandler(BaseHTTPRequestHandler):

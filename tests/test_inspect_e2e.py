@@ -23,7 +23,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -33,7 +33,7 @@ from mitmproxy import io
 
 from stagedoor.devkeys import generate_dev_keys, mint_user_token
 
-from .conftest import ROOT, Sidecar, _pump, closed_port, write_config
+from .conftest import ROOT, LoopbackServer, Sidecar, _pump, closed_port, write_config
 from .httpraw import request
 
 pytestmark = pytest.mark.e2e
@@ -67,22 +67,11 @@ MORE_FILTERS = ("~marked", "~marker no_entry", '~meta "\'decision\': \'error\'"'
 
 
 # -- an upstream that also serves the JWKS, records what it got and sets a cookie ------------------
-class Upstream(ThreadingHTTPServer):
-    daemon_threads = True
-
+class Upstream(LoopbackServer):
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _UpstreamHandler)
         self.jwks: dict[str, Any] = {"keys": []}
         self.seen: list[tuple[str, dict[str, str]]] = []
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
+        super().__init__(_UpstreamHandler)
 
 
 class _UpstreamHandler(BaseHTTPRequestHandler):

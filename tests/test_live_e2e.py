@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stagedoor.devkeys import DevKey, mint_user_token
 
-from .conftest import RecordingServer, Sidecar, closed_port, start_sidecar, write_config
+from .conftest import (
+    LoopbackServer,
+    RecordingServer,
+    Sidecar,
+    closed_port,
+    start_sidecar,
+    write_config,
+)
 from .httpraw import request
 
 pytestmark = pytest.mark.e2e
@@ -521,23 +528,12 @@ def test_admin_listener_on_a_taken_port_stops_the_start(tmp_path):
 
 
 # -- graceful shutdown -----------------------------------------------------------------------------
-class SlowServer(ThreadingHTTPServer):
+class SlowServer(LoopbackServer):
     """An upstream that answers ``/slow/<ms>`` after that many milliseconds."""
 
-    daemon_threads = True
-
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _SlowHandler)
         self.started = threading.Event()
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
+        super().__init__(_SlowHandler)
 
 
 class _SlowHandler(BaseHTTPRequestHandler):

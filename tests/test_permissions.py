@@ -7,9 +7,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from stagedoor.permissions import (
 from stagedoor.policy import PolicyLoadError, load_policies
 from stagedoor.tokens import Principal
 
-from .conftest import ROOT, RecordingServer, start_sidecar, write_config
+from .conftest import ROOT, LoopbackServer, RecordingServer, start_sidecar, write_config
 from .httpraw import request
 
 JANE = Principal("user", "user:default/jane", ownership=("user:default/jane",
@@ -230,19 +229,12 @@ def test_unauthenticated_route_cannot_name_a_permission(tmp_path):
 
 
 # -- delegation to a real permission backend ---------------------------------------------------
-class PermissionBackend(ThreadingHTTPServer):
-    daemon_threads = True
-
+class PermissionBackend(LoopbackServer):
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _PermissionHandler)
         self.answer = "ALLOW"
         self.delay = 0.0
         self.calls: list[dict[str, Any]] = []
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        super().__init__(_PermissionHandler)
 
 
 class _PermissionHandler(BaseHTTPRequestHandler):
