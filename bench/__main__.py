@@ -8,9 +8,12 @@ on SIGTERM/SIGINT.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import resource
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -20,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from . import load, report
-from .procs import rss_kib, which
+from .procs import cpu_scaling, rss_kib, system_cpu_seconds, tree_cpu_seconds, which
 from .targets import ROOT, Bench, Target
 
 RESULTS = ROOT / "bench" / "results" / "latest.json"
+HISTORY = ROOT / "bench" / "results" / "history.jsonl"  # the last few full runs, for the docs
+HISTORY_KEEP = 5
 DOCS = ROOT / "docs" / "performance.md"
 ALL = ("direct", "nginx", "mitmdump", "full", "routes10k", "workers2")
 
@@ -39,13 +44,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "reported (default 1)")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
-    parser.add_argument("--memory", default="10000,200000", metavar="N,M,...",
-                        help="memory phase: RSS after these many requests (default 10000,200000)")
+    parser.add_argument("--memory", default="10000,50000,100000,200000", metavar="N,M,...",
+                        help="memory phase: RSS after these many requests; the target compares "
+                             "the first and the last (default 10000,50000,100000,200000)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory phase")
     parser.add_argument("--only", default=",".join(ALL),
                         help=f"comma-separated scenarios (default: all of {','.join(ALL)})")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 2s per scenario, 1s warm-up, memory 2000,20000; "
+                        help="a smoke run: 2s per scenario, 1s warm-up, memory 2000,10000,20000; "
                              "does not rewrite docs/performance.md unless --docs")
     parser.add_argument("--builtin-load", action="store_true",
                         help="use the bundled asyncio load generator even if wrk is installed")
@@ -55,11 +61,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="regenerate docs/performance.md (default unless --quick)")
     parser.add_argument("--no-docs", dest="docs", action="store_false")
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"JSON (default {RESULTS})")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the work dir (configs, logs, access logs) after a good run")
+    parser.add_argument("--report-only", action="store_true",
+                        help="measure nothing: print and re-render docs/performance.md from the "
+                             "JSON of the last run (and the history of full runs)")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.warmup = min(args.duration, 2.0), min(args.warmup, 1.0)
         if args.memory == parser.get_default("memory"):
-            args.memory = "2000,20000"
+            args.memory = "2000,10000,20000"
     if args.docs is None:
         args.docs = not args.quick
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -80,11 +91,37 @@ def say(text: str) -> None:
 
 
 def measure(bench: Bench, target: Target, args: argparse.Namespace) -> dict[str, Any]:
+    """One measurement, with where the CPU went meanwhile (in cores: 1.0 = one busy core)."""
     spec = load.Load(target.url, bench.headers, args.connections, args.threads)
     if args.warmup > 0:
         load.run(spec, args.warmup, force_builtin=args.builtin_load)
-    result = load.run(spec, args.duration, force_builtin=args.builtin_load)
-    return result.as_dict()
+    proxy0 = tree_cpu_seconds(target.pid) if target.pid else 0.0
+    upstream0 = tree_cpu_seconds(bench.upstream_pid) if bench.upstream_pid else 0.0
+    children0 = _children_cpu()
+    busy0 = system_cpu_seconds()
+    started = time.monotonic()
+    result = load.run(spec, args.duration, force_builtin=args.builtin_load).as_dict()
+    wall = time.monotonic() - started
+    busy = system_cpu_seconds() - busy0
+    proxy = (tree_cpu_seconds(target.pid) - proxy0) if target.pid else 0.0
+    upstream = (tree_cpu_seconds(bench.upstream_pid) - upstream0) if bench.upstream_pid else 0.0
+    loadgen = _children_cpu() - children0 if not args.builtin_load else 0.0
+    result["cpu"] = {
+        "proxy": round(proxy / wall, 3) if target.pid else None,
+        "upstream": round(upstream / wall, 3),
+        "load_generator": round(loadgen / wall, 3),
+        "other": round(max(0.0, busy - proxy - upstream - loadgen) / wall, 3),
+        "machine_busy": round(busy / wall, 3),
+        "proxy_us_per_request": round(proxy / result["requests"] * 1e6, 1)
+        if target.pid and result["requests"] else None,
+    }
+    return result
+
+
+def _children_cpu() -> float:
+    """CPU time of every child this process has reaped (wrk runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def memory_phase(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
@@ -113,8 +150,23 @@ def memory_phase(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     return {"points": points}
 
 
+def report_only(args: argparse.Namespace) -> int:
+    run = json.loads(args.output.read_text())
+    history: list[dict[str, Any]] = []
+    with contextlib.suppress(OSError, ValueError):
+        history = [json.loads(line) for line in HISTORY.read_text().splitlines() if line]
+    print(report.table(run))
+    print(report.verdict_lines(report.verdicts(run)))
+    if args.docs:
+        DOCS.write_text(report.render_markdown(run, history))
+        say(f"wrote {DOCS} from {args.output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report_only:
+        return report_only(args)
     # SIGTERM ends the run like Ctrl-C: the finally below stops every process we started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = Path(tempfile.mkdtemp(prefix="stagedoor-bench-"))
@@ -135,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     say(f"stagedoor bench: {run['machine']['nproc']} cores, {run['machine']['cpu']}; "
         f"load by {'wrk' if wrk else 'bench.load'}; work dir {workdir}")
     try:
+        say("CPU scaling probe (two CPU-bound processes vs one) ...")
+        run["cpu_scaling"] = {"before": cpu_scaling(sys.executable)}
+        say(f"  {run['cpu_scaling']['before']:.2f}x (ideal 2.00)")
         bench.start_upstream()
         run["upstream"] = bench.upstream_kind
         targets: list[Target] = []
@@ -151,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "mitmdump":
                 target = bench.mitmdump()
             elif name == "full":
-                target = bench.stagedoor("full", "stagedoor, full policy (1 worker)")
+                target = bench.stagedoor("full", "stagedoor, full policy (1 worker)",
+                                         admin=True)
             elif name == "routes10k":
                 target = bench.stagedoor("routes10k", "stagedoor, 10,000 routes (1 worker)",
                                          routes=10_000)
@@ -174,13 +230,22 @@ def main(argv: list[str] | None = None) -> int:
         for target in targets:
             run["scenarios"][target.name] = {"label": target.label,
                                              **report.summarize(rounds[target.name])}
+        if "full" in rounds:  # evidence that the verified-token cache carries the load
+            run["token_verifications"] = bench.token_verifications("full")
+        run["cpu_scaling"]["after"] = cpu_scaling(sys.executable)
+        say(f"CPU scaling probe after the load runs: {run['cpu_scaling']['after']:.2f}x")
         if not args.no_memory and args.memory_points:
             for target in targets:  # the memory phase runs alone
                 bench.stop(target)
             say("memory phase ...")
             run["memory"] = memory_phase(bench, args)
-    finally:
+    except BaseException:
         bench.close()
+        say(f"work dir kept for inspection: {workdir}")
+        raise
+    bench.close()
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
     run["load_average"]["after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     run["ratios"] = report.ratios(run)
     run["targets"] = [vars(v) for v in report.verdicts(run)]
@@ -189,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(run))
     print()
     print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in run["ratios"].items()))
+    scaling = run.get("cpu_scaling") or {}
+    print("CPU scaling probe (2 processes vs 1, ideal 2.00): "
+          + " / ".join(f"{k} {v:.2f}x" for k, v in scaling.items()))
+    if report.token_line(run):
+        print(report.token_line(run))
     if run.get("memory"):
         print("memory (stagedoor, 1 worker):")
         print(report.memory_lines(run))
@@ -198,9 +268,15 @@ def main(argv: list[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(run, indent=2) + "\n")
     say(f"\nwrote {args.output}")
+    history: list[dict[str, Any]] = []
+    if not args.quick and args.output == RESULTS:  # full runs with the default output only
+        with contextlib.suppress(OSError, ValueError):
+            history = [json.loads(line) for line in HISTORY.read_text().splitlines() if line]
+        history = [*history, report.history_entry(run)][-HISTORY_KEEP:]
+        HISTORY.write_text("".join(json.dumps(h) + "\n" for h in history))
     if args.docs:
         DOCS.parent.mkdir(parents=True, exist_ok=True)
-        DOCS.write_text(report.render_markdown(run))
+        DOCS.write_text(report.render_markdown(run, history))
         say(f"wrote {DOCS}")
     else:
         say("docs/performance.md left as it is (--quick or --no-docs)")

@@ -8,6 +8,7 @@ have arrived, and report requests/s and latency percentiles.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import subprocess
 import time
@@ -90,7 +91,7 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     """Nearest-rank percentile of an ascending list (0 for an empty one)."""
     if not sorted_values:
         return 0.0
-    rank = max(1, min(len(sorted_values), round(fraction * len(sorted_values) + 0.5)))
+    rank = max(1, min(len(sorted_values), math.ceil(fraction * len(sorted_values))))
     return sorted_values[rank - 1]
 
 

@@ -60,6 +60,30 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and its direct children (a supervisor's workers, nginx's worker)."""
+    return cpu_seconds(pid) + sum(cpu_seconds(child) for child in children_of(pid))
+
+
+def system_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine since boot, all cores (/proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return (sum(values[:8]) - idle) / _TICK  # guest time is already counted in user
+
+
 def children_of(pid: int) -> list[int]:
     """Direct children of ``pid`` (Linux /proc)."""
     path = Path(f"/proc/{pid}/task/{pid}/children")
@@ -124,3 +148,29 @@ def which(name: str) -> str | None:
             if os.access(candidate, os.X_OK):
                 return candidate
     return found
+
+
+_SPIN = """
+import time
+end = time.monotonic() + {seconds}
+n = 0
+while time.monotonic() < end:
+    for i in range(2000):
+        n += i
+print(n)
+"""
+
+
+def cpu_scaling(python: str, seconds: float = 2.0) -> float:
+    """How much work two CPU-bound processes get done at once, relative to one alone (ideal:
+    2.0 on two free cores). On a VM whose vCPUs share a physical core, or with busy neighbours,
+    it is less: the ceiling for ``--workers 2`` on this machine at this moment."""
+    code = _SPIN.format(seconds=seconds)
+
+    def work(count: int) -> int:
+        procs = [subprocess.Popen([python, "-c", code], stdout=subprocess.PIPE)
+                 for _ in range(count)]
+        return sum(int(p.communicate(timeout=seconds + 30)[0]) for p in procs)
+
+    alone = work(1)
+    return round(work(2) / alone, 2) if alone else 0.0

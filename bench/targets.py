@@ -26,6 +26,9 @@ UPSTREAM_PATH = "/v1/services/payments-api"  # what the insights policy forwards
 SERVICE = {"id": "payments-api", "owner": "group:default/payments", "tier": 1, "score": 92,
            "checks": {"docs": "pass", "oncall": "pass", "slo": "warn"}}
 _LISTENING = re.compile(r"stagedoor listening on http://([\d.]+):(\d+)")
+_ADMIN = re.compile(r"stagedoor admin listening on http://([\d.]+):(\d+)")
+_TOKEN_METRIC = re.compile(
+    r'^stagedoor_token_verifications_total\{outcome="([a-z_]+)"\} ([0-9.e+]+)$', re.MULTILINE)
 START_TIMEOUT = 60.0
 
 
@@ -108,8 +111,10 @@ class Bench:
         self.issuer = f"{self.upstream_url}/api/auth"
         self.token = mint_user_token(self.keys.user, issuer=self.issuer, ttl=6 * 3600)
         self.upstream_kind = ""
+        self.upstream_pid: int | None = None
         self.headers = (("Authorization", f"Bearer {self.token}"),)
         self.access_logs: list[Path] = []
+        self.admin_urls: dict[str, str] = {}
 
     # -- upstream ----------------------------------------------------------------------------
     def start_upstream(self) -> None:
@@ -124,7 +129,7 @@ class Bench:
     location = /api/auth/.well-known/jwks.json {{ return 200 '{jwks}'; }}
     location / {{ return 200 '{body}'; }}
   }}"""
-            self._start_nginx("upstream", server, self.upstream_port)
+            self.upstream_pid = self._start_nginx("upstream", server, self.upstream_port)
             self.upstream_kind = "nginx (1 worker, fixed JSON)"
         else:
             (self.workdir / "jwks.json").write_text(json.dumps(self.keys.user_jwks()))
@@ -134,6 +139,7 @@ class Bench:
                 "--jwks", str(self.workdir / "jwks.json"),
                 "--body", str(self.workdir / "body.json")], env=self._env())
             wait_for_port(self.upstream_port, START_TIMEOUT, proc)
+            self.upstream_pid = proc.pid
             self.upstream_kind = "bench.fastserver (asyncio, fixed JSON)"
 
     def _start_nginx(self, name: str, server: str, port: int) -> int:
@@ -150,7 +156,7 @@ class Bench:
 
     # -- targets -----------------------------------------------------------------------------
     def direct(self) -> Target:
-        return Target("direct", f"direct to upstream ({self.upstream_kind})",
+        return Target("direct", f"direct to the upstream ({self.upstream_kind.split(' ')[0]})",
                       self.upstream_url + UPSTREAM_PATH)
 
     def nginx_proxy(self) -> Target | None:
@@ -189,7 +195,8 @@ class Bench:
         return Target("mitmdump", "stock mitmdump --mode reverse -q",
                       f"http://127.0.0.1:{port}{REQUEST_PATH}", proc.pid)
 
-    def stagedoor(self, name: str, label: str, *, routes: int = 0, workers: int = 1) -> Target:
+    def stagedoor(self, name: str, label: str, *, routes: int = 0, workers: int = 1,
+                  admin: bool = False) -> Target:
         """A ``stagedoor run`` with the shipped policy (or ``routes`` generated ones)."""
         config = self.workdir / "app-config.yaml"
         config.write_text(f"""\
@@ -207,15 +214,33 @@ stagedoor:
         else:
             policies = ROOT / "policies"
         args = [self.python, "-m", "stagedoor.cli", "run", "--config", str(config),
-                "--policies", str(policies), "--listen", "127.0.0.1:0", "--admin", "off"]
+                "--policies", str(policies), "--listen", "127.0.0.1:0",
+                "--admin", "127.0.0.1:0" if admin else "off"]
         if workers != 1:
             args += ["--workers", str(workers)]
         access_log = self.workdir / f"{name}.access.log"
         self.access_logs.append(access_log)
         proc = self.procs.start(name, args, env=self._env(), stdout=access_log)
         match = wait_for_line(self.procs.log(name), _LISTENING, START_TIMEOUT, proc)
+        if admin:
+            found = wait_for_line(self.procs.log(name), _ADMIN, START_TIMEOUT, proc)
+            self.admin_urls[name] = f"http://{found.group(1)}:{found.group(2)}"
         return Target(name, label, f"http://{match.group(1)}:{match.group(2)}{REQUEST_PATH}",
                       proc.pid)
+
+    def token_verifications(self, name: str) -> dict[str, float]:
+        """``stagedoor_token_verifications_total`` by outcome, from the target's /metrics."""
+        url = self.admin_urls.get(name)
+        if url is None:
+            return {}
+        host, _, port = url.removeprefix("http://").partition(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        return {m.group(1): float(m.group(2)) for m in _TOKEN_METRIC.finditer(text)}
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()

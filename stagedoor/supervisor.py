@@ -14,7 +14,9 @@ work:
   port), an admin address of their own and a pipe on which each says "ready";
 - once all are ready it logs ``stagedoor listening on http://HOST:PORT (...)``, like one process;
 - a worker that exits on its own is restarted after a backoff (0.5s, doubling up to 30s, back to
-  0.5s once a worker has stayed up for a minute);
+  0.5s once a worker has stayed up for a minute). New connections go to the other workers
+  meanwhile; connections already queued on the dead worker's socket are reset by the kernel,
+  unless ``sysctl net.ipv4.tcp_migrate_req=1`` (Linux 5.14+) lets it hand them over;
 - SIGTERM/SIGINT are passed on to every worker (each drains its requests in flight) and the
   parent exits 0 when they all have; SIGHUP (reload) is passed on too. A second SIGTERM/SIGINT,
   or workers still alive after the grace period, end them with SIGKILL (exit status 1).

@@ -1,0 +1,168 @@
+"""The benchmark's own pure parts (bench/): parsing wrk, the statistics, the verdicts, the report,
+the generated 10,000-route policy. Nothing here starts a process or measures anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import load, report
+from bench.__main__ import parse_args
+from bench.targets import generated_policy, nginx_config
+from stagedoor.config import load_config
+from stagedoor.policy import load_policies
+
+WRK_OUTPUT = """\
+Running 10s test @ http://127.0.0.1:7007/api/insights/services/payments-api
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    11.28ms    2.10ms  45.01ms   91.50%
+    Req/Sec     1.43k    95.12     1.60k    70.00%
+  Latency Distribution
+     50%   10.95ms
+     75%   11.80ms
+     90%   12.90ms
+     99%   21.40ms
+  14253 requests in 10.01s, 11.02MB read
+  Non-2xx or 3xx responses: 3
+Requests/sec:   1423.91
+Transfer/sec:      1.10MB
+"""
+
+
+def test_parse_wrk_reads_rate_percentiles_and_errors():
+    result = load.parse_wrk(WRK_OUTPUT)
+    assert result.requests == 14253
+    assert result.seconds == pytest.approx(10.01)
+    assert result.rps == pytest.approx(1423.91)
+    assert result.p50_ms == pytest.approx(10.95)
+    assert result.p99_ms == pytest.approx(21.40)
+    assert result.non_2xx == 3 and result.socket_errors == 0
+
+
+def test_parse_wrk_converts_units():
+    text = WRK_OUTPUT.replace("10.95ms", "635.91us").replace("21.40ms", "1.20s")
+    result = load.parse_wrk(text + "  Socket errors: connect 1, read 2, write 0, timeout 4\n")
+    assert result.p50_ms == pytest.approx(0.63591)
+    assert result.p99_ms == pytest.approx(1200.0)
+    assert result.socket_errors == 7
+
+
+def test_parse_wrk_refuses_output_without_latency_distribution():
+    with pytest.raises(ValueError):
+        load.parse_wrk("Requests/sec: 1.0\n")
+
+
+def test_percentile_is_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert load.percentile(values, 0.50) == 50.0
+    assert load.percentile(values, 0.99) == 99.0
+    assert load.percentile([], 0.99) == 0.0
+    assert load.percentile([7.0], 0.99) == 7.0
+
+
+def _scenario(label: str, rps: float, p99: float) -> dict:
+    one = {"requests": int(rps * 10), "seconds": 10.0, "rps": rps, "p50_ms": p99 / 2,
+           "p99_ms": p99, "non_2xx": 0, "socket_errors": 0, "tool": "wrk",
+           "cpu": {"proxy": 0.98, "upstream": 0.05, "load_generator": 0.07, "other": 0.1,
+                   "machine_busy": 1.2, "proxy_us_per_request": 980000 / rps}}
+    return {"label": label, **report.summarize([one])}
+
+
+def _run(**rps: float) -> dict:
+    run = {
+        "date": "2026-11-25 12:00 UTC", "quick": False,
+        "settings": {"duration": 10, "warmup": 3, "rounds": 1, "connections": 16, "threads": 1,
+                     "memory": [10000, 200000], "argv": ""},
+        "machine": {"nproc": 2, "cpu": "Test CPU", "kernel": "6.1", "os": "Debian",
+                    "python": "3.12.1", "mitmproxy": "12.3.1", "nginx": "1.22.1",
+                    "wrk": "4.1.0", "memory_gib": 24.0},
+        "load_average": {"before": "0.1", "after": "0.2"},
+        "cpu_scaling": {"before": 1.5, "after": 1.8},
+        "upstream": "nginx",
+        "scenarios": {name: _scenario(name, value, 20.0 if name != "mitmdump" else 40.0)
+                      for name, value in rps.items()},
+        "skipped": {},
+        "memory": {"points": [{"requests": 10000, "rss_kib": 90 * 1024},
+                              {"requests": 200000, "rss_kib": 95 * 1024}]},
+    }
+    run["ratios"] = report.ratios(run)
+    run["targets"] = [vars(v) for v in report.verdicts(run)]
+    return run
+
+
+def test_summarize_takes_medians_of_rounds():
+    rounds = [{"requests": 10, "rps": r, "p50_ms": 1.0, "p99_ms": p, "non_2xx": 0,
+               "socket_errors": 1} for r, p in ((100.0, 5.0), (300.0, 9.0), (200.0, 7.0))]
+    summary = report.summarize(rounds)
+    assert summary["rps"] == 200.0 and summary["p99_ms"] == 7.0
+    assert summary["requests"] == 30 and summary["socket_errors"] == 3
+
+
+def test_verdicts_when_every_target_is_met():
+    run = _run(direct=80000, nginx=30000, mitmdump=800, full=1400, routes10k=1380,
+               workers2=2400)
+    verdicts = report.verdicts(run)
+    assert [v.met for v in verdicts] == [True, True, True, True]
+    assert run["ratios"]["full_vs_mitmdump"] == pytest.approx(1.75)
+
+
+def test_verdicts_say_by_how_much_a_target_is_missed():
+    run = _run(mitmdump=1000, full=1500, routes10k=1200, workers2=2100)
+    by_name = {v.name.split()[0]: v for v in report.verdicts(run)}
+    assert by_name["full"].met is False and "missed by 6%" in by_name["full"].detail
+    assert by_name["10,000"].met is False
+    assert by_name["--workers"].met is False
+
+
+def test_unmeasured_targets_are_not_counted_as_met_or_missed():
+    run = _run(full=1400)
+    run["memory"] = None
+    verdicts = report.verdicts(run)
+    assert [v.met for v in verdicts] == [None, None, None, None]
+
+
+def test_table_and_markdown_name_every_scenario_and_target():
+    run = _run(direct=80000, nginx=30000, mitmdump=800, full=1400, routes10k=1380,
+               workers2=2100)
+    text = report.table(run)
+    assert "1.75x" in text and "workers2" in text
+    markdown = report.render_markdown(run, [report.history_entry(run)])
+    for needle in ("Test CPU (2 cores)", "mitmproxy | 12.3.1", "2026-11-25 12:00 UTC",
+                   "| 1,400 |", "**missed**", "3 of 4 met", "90.0", "95.0",
+                   "Recent full runs", "| 2026-11-25 12:00 UTC | 0.10 | 1,400 | 1.75 |",
+                   "one worker used 0.98 cores at 700 µs of CPU per request", "| 0.98 | 700 |",
+                   "1.50x / 1.80x"):
+        assert needle in markdown, needle
+
+
+def test_generated_policy_has_the_requested_number_of_valid_routes(tmp_path: Path):
+    policy_dir = tmp_path / "policies"
+    policy_dir.mkdir()
+    (policy_dir / "insights.yaml").write_text(generated_policy(60))
+    config_file = tmp_path / "app-config.yaml"
+    config_file.write_text("insights:\n  externalApiUrl: http://127.0.0.1:9\n")
+    policies = load_policies(policy_dir, load_config([str(config_file)]))
+    assert policies.route_count == 60
+
+
+def test_nginx_config_keeps_everything_under_its_prefix(tmp_path: Path):
+    text = nginx_config(tmp_path, "  server { listen 127.0.0.1:1; }")
+    assert f"pid {tmp_path}/nginx.pid;" in text
+    assert "worker_processes 1;" in text and "access_log off;" in text
+    assert text.count(str(tmp_path)) >= 7
+
+
+def test_quick_is_short_and_leaves_the_docs_alone():
+    args = parse_args(["--quick"])
+    assert args.duration <= 2 and args.warmup <= 1 and args.docs is False
+    assert args.memory_points == [2000, 10000, 20000]
+    full = parse_args([])
+    assert full.docs is True and full.memory_points[0] == 10000
+    assert full.memory_points[-1] == 200000
+
+
+def test_unknown_scenarios_are_refused():
+    with pytest.raises(SystemExit):
+        parse_args(["--only", "full,nonsense"])
