@@ -52,7 +52,6 @@ class Gateway:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._strip_prefix = "x-stagedoor-"
         self._openapi = OpenApiEndpoint()  # /api/<pluginId>/.stagedoor/openapi.json, if enabled
         self._security_source: dict[str, str] | None = None
         self._security_cache: tuple[tuple[bytes, bytes, bytes], ...] = ()
@@ -310,8 +309,11 @@ class Gateway:
             error = ApiError(504, "The upstream did not answer in time")
         else:
             error = ApiError(502, "The upstream could not be reached")
-        log.warning("upstream error for %s %s -> %s: %s", flow.request.method,
-                    meta.get("route"), meta.get("upstream"), flow.error.msg)
+        # A client that hangs up is routine (load generators, impatient browsers): not a warning.
+        level = logging.DEBUG if "client disconnected" in flow.error.msg.lower() else \
+            logging.WARNING
+        log.log(level, "upstream error for %s %s -> %s: %s", flow.request.method,
+                meta.get("route"), meta.get("upstream"), flow.error.msg)
         url = _utf8_safe(redact_target(meta.get("url", "/"),
                                        self.runtime.settings.redacted_query_keys))
         status, body, headers = render_error(error, _utf8_safe(flow.request.method), url)

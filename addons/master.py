@@ -75,6 +75,16 @@ def proxy_options(host: str, port: int) -> dict[str, Any]:
     }
 
 
+class PolicyOnlyTlsConfig(tlsconfig.TlsConfig):
+    """mitmproxy's TLS configuration without its ``request`` hook, which answers any path ending
+    in ``/mitmproxy-<CA serial>.crl`` itself, before (and regardless of) the policy."""
+
+    name = "tlsconfig"
+
+    def request(self, flow: Any) -> None:
+        return None
+
+
 def build_lean_master(runtime: Runtime, host: str, port: int,
                       on_ready: Callable[[list[tuple[str, int]]], None] | None = None,
                       extra_addons: list[Any] | None = None,
@@ -89,7 +99,7 @@ def build_lean_master(runtime: Runtime, host: str, port: int,
         core.Core(),
         proxyserver.Proxyserver(),
         next_layer.NextLayer(),
-        tlsconfig.TlsConfig(),
+        PolicyOnlyTlsConfig(),
         errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
         Gateway(runtime),
         *operations_addons(runtime, admin),  # lifecycle, access log, metrics, reload, admin
@@ -128,6 +138,8 @@ def build_web_master(runtime: Runtime, host: str, port: int, web_host: str, web_
     from . import inspect
 
     m = WebMaster(options.Options(), with_termlog=False)
+    m.addons.remove(m.addons.get("tlsconfig"))
+    m.addons.add(PolicyOnlyTlsConfig())
     m.addons.add(Gateway(runtime), *operations_addons(runtime, admin), UnroutedGuard())
     inspect.install(m, settings)  # after the gateway: annotations need its decision
     m.addons.add(

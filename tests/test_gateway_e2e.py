@@ -427,6 +427,24 @@ def test_hostile_target_is_never_forwarded(env, target):
     assert env.get("/api/insights/health").status == 200
 
 
+def _mitmproxy_ca_serial() -> int:
+    from cryptography import x509
+
+    ca = Path.home() / ".mitmproxy" / "mitmproxy-ca-cert.pem"
+    if not ca.exists():
+        pytest.skip("no mitmproxy CA in ~/.mitmproxy yet")
+    return x509.load_pem_x509_certificate(ca.read_bytes()).serial_number
+
+
+def test_crl_path_is_not_answered_by_mitmproxy(env):
+    """mitmproxy's TLS addon answers /mitmproxy-<CA serial>.crl itself; ours must not."""
+    serial = _mitmproxy_ca_serial()
+    for target in (f"/mitmproxy-{serial}.crl", f"/api/insights/mitmproxy-{serial}.crl"):
+        resp = env.get(target)
+        assert resp.status in (401, 404), (target, resp.status)
+        assert resp.header("content-type") == "application/json; charset=utf-8"
+
+
 def test_absolute_form_target_is_refused(env):
     before = len(env.json.seen)
     raw = (f"GET {env.json.url}/v1/services/payments-api HTTP/1.1\r\nHost: x\r\n"
