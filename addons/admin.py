@@ -74,6 +74,17 @@ class _StateCollector(Collector):
         for key, outcome in JWKS_OUTCOMES.items():
             jwks.add_metric([outcome], stats.get(key, 0))
         yield jwks
+        if runtime.authorizer is not None:
+            asked = CounterMetricFamily(
+                "stagedoor_permission_delegations",
+                "Permission checks delegated to the permission backend, by outcome "
+                "(asked: a request to the backend; cached: answered from the decision cache; "
+                "unreachable: the backend could not be asked, so the check denied)",
+                labels=["outcome"])
+            for outcome, key in (("asked", "delegated"), ("cached", "cached"),
+                                 ("unreachable", "unreachable")):
+                asked.add_metric([outcome], runtime.authorizer.stats.get(key, 0))
+            yield asked
         if m.reloader is not None:
             reloads = CounterMetricFamily("stagedoor_reloads",
                                           "Reloads of policies and config by outcome",

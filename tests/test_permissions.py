@@ -400,6 +400,20 @@ def test_e2e_delegation_allow_then_deny(gated_env):
     assert permission_backend.calls[-1]["authorization"] == f"Bearer {tokens['bob']}"
 
 
+def test_e2e_delegations_are_counted_in_metrics(gated_env):
+    from .test_live_e2e import sample, scrape
+
+    sidecar, _, permission_backend, tokens, _, _ = gated_env
+    name = "stagedoor_permission_delegations_total"
+    cached_before = sample(scrape(sidecar), name, outcome="cached")
+    permission_backend.answer = "ALLOW"
+    for _ in range(2):  # the second answer comes from the decision cache
+        assert get(sidecar, "/api/gated/delegated", tokens["jane"]).status == 200
+    after = scrape(sidecar)
+    assert sample(after, name, outcome="cached") >= cached_before + 1
+    assert sample(after, name, outcome="asked") >= 1
+
+
 def explain_cli(config, policies, *args):
     return subprocess.run([sys.executable, "-m", "stagedoor.cli", "explain", "--config",
                            str(config), "--policies", str(policies), *args],
