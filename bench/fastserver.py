@@ -13,6 +13,8 @@ import signal
 import sys
 from pathlib import Path
 
+from .http1 import split_message
+
 
 def _response(body: bytes) -> bytes:
     head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
@@ -35,19 +37,8 @@ class _Http(asyncio.Protocol):
         assert self.transport is not None
         self.buffer += data
         out = []
-        while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                break
-            head = self.buffer[:end]
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value.strip() or 0)
-            if len(self.buffer) < end + 4 + length:
-                break
-            self.buffer = self.buffer[end + 4 + length:]
+        while (message := split_message(self.buffer)) is not None:
+            head, self.buffer = message
             target = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b"/"
             out.append(self.jwks if target.endswith(b"jwks.json") else self.answer)
         if out:

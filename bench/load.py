@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from urllib.parse import urlsplit
 
+from .http1 import split_message
 from .procs import which
 
 
@@ -119,19 +120,8 @@ class _Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = self.buffer[:end]
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value.strip() or 0)
-            if len(self.buffer) < end + 4 + length:
-                return
-            self.buffer = self.buffer[end + 4 + length:]
+        while (message := split_message(self.buffer)) is not None:
+            head, self.buffer = message
             status = head[9:12]
             self.state.record(time.perf_counter() - self.sent_at, status.startswith(b"2"))
             self._send()

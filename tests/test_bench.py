@@ -166,3 +166,47 @@ def test_quick_is_short_and_leaves_the_docs_alone():
 def test_unknown_scenarios_are_refused():
     with pytest.raises(SystemExit):
         parse_args(["--only", "full,nonsense"])
+
+
+def test_split_message_frames_by_content_length():
+    from bench.http1 import split_message
+
+    assert split_message(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nab") is None
+    assert split_message(b"GET / HTTP/1.1\r\nHost: x\r\n") is None
+    head, rest = split_message(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabcGET /")
+    assert head == b"HTTP/1.1 200 OK\r\ncontent-length: 3" and rest == b"GET /"
+
+
+def test_bundled_load_generator_against_bundled_upstream(tmp_path: Path):
+    """The fallback pair (no wrk, no nginx) measures real requests on 127.0.0.1."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from bench.load import Load, run_builtin
+
+    (tmp_path / "body.json").write_text('{"ok":true}')
+    (tmp_path / "jwks.json").write_text('{"keys":[]}')
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "bench.fastserver", "--port", str(port),
+                               "--body", str(tmp_path / "body.json"),
+                               "--jwks", str(tmp_path / "jwks.json")],
+                              cwd=Path(__file__).resolve().parent.parent)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        result = run_builtin(Load(f"http://127.0.0.1:{port}/x", (), connections=2), 0.5,
+                             requests=200)
+        assert result.requests >= 200, result
+        assert result.non_2xx == 0 and result.socket_errors == 0, result
+    finally:
+        server.terminate()
+        server.wait(10)
