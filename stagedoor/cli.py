@@ -14,8 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
-from .policy import PolicyLoadError, load_policies
+from .config import ConfigError
+from .policy import PolicyLoadError
 
 DEFAULT_CONFIG = "config/app-config.yaml"
 DEFAULT_POLICIES = "policies"
@@ -71,24 +71,15 @@ def _fail(message: str) -> int:
 
 # -- check -----------------------------------------------------------------------------------------
 def cmd_check(args: argparse.Namespace) -> int:
+    from .runtime import load_state
+
     problems: list[str] = []
-    try:
-        config = load_config(_config_files(args))
-    except ConfigError as exc:
-        return _fail(str(exc))
-    try:
-        policies = load_policies(args.policies, config)
+    try:  # exactly what `run` and a reload validate
+        policies = load_state(_config_files(args), args.policies).policies
     except PolicyLoadError as exc:
         problems.extend(str(p) for p in exc.problems)
-    else:
-        try:
-            from .runtime import GatewaySettings
-            from .tokens import AuthSettings
-
-            GatewaySettings.from_config(config)
-            AuthSettings.from_config(config)
-        except ConfigError as exc:
-            problems.append(str(exc))
+    except ConfigError as exc:
+        problems.append(str(exc))
     if problems:
         for line in problems:
             print(line, file=sys.stderr)
