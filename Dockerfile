@@ -6,17 +6,22 @@
 
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 
-# -- build: install stagedoor and its runtime dependencies (no test extras) into a venv ----------
+# -- build: install the hash-locked runtime dependencies (no test extras), then stagedoor ----------
+# requirements.lock pins every package with its sha256 hashes (refresh: ./run.sh lock); the
+# project itself goes in with --no-deps so nothing unlocked can slip in.
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
+COPY requirements.lock ./
+RUN python -m venv /opt/stagedoor \
+    && /opt/stagedoor/bin/pip install --require-hashes --no-deps -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY stagedoor ./stagedoor
 COPY addons ./addons
-RUN python -m venv /opt/stagedoor \
-    && /opt/stagedoor/bin/pip install . \
+RUN /opt/stagedoor/bin/pip install --no-deps --no-build-isolation . \
+    && /opt/stagedoor/bin/pip check \
     && /opt/stagedoor/bin/stagedoor --help > /dev/null
 
 # -- runtime: the venv, a non-root user, nothing else -------------------------------------------

@@ -93,7 +93,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 # -- run -------------------------------------------------------------------------------------------
 def _load_runtime(config_files: list[str], policy_dir: str):  # -> Runtime | None
     from .runtime import Runtime
+    from .versions import mitmproxy_version_problem
 
+    problem = mitmproxy_version_problem()  # every command that starts a proxy comes here
+    if problem is not None:
+        print(f"stagedoor: {problem}", file=sys.stderr)
+        return None
     try:
         return Runtime.load(config_files, policy_dir)
     except PolicyLoadError as exc:
