@@ -23,6 +23,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+pytest_plugins = ["tests.redisserver"]  # the redis_server fixture (a real redis-server)
+
 
 # -- upstreams -------------------------------------------------------------------------------------
 @dataclass
