@@ -16,6 +16,7 @@ from typing import Any
 from mitmproxy import master, options
 from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
 
+from stagedoor import outbound
 from stagedoor.runtime import Runtime
 
 from . import lean
@@ -119,7 +120,10 @@ async def serve(runtime: Runtime, host: str, port: int,
     reloads policies and config."""
     m = build_lean_master(runtime, host, port, on_ready, extra_addons, admin)
     install_signal_handlers(m)
-    await m.run()
+    try:
+        await m.run()
+    finally:
+        await outbound.aclose()  # the pooled control-plane connections (JWKS, permissions)
 
 
 # -- inspect: mitmweb's master ---------------------------------------------------------------------
@@ -169,4 +173,7 @@ async def serve_web(runtime: Runtime, host: str, port: int, web_host: str, web_p
     m = build_web_master(runtime, host, port, web_host, web_port, settings, on_ready,
                          extra_addons, admin)
     install_signal_handlers(m)
-    await m.run()
+    try:
+        await m.run()
+    finally:
+        await outbound.aclose()

@@ -33,8 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
+from . import outbound
 from .config import Config, ConfigError
 from .tokens import Principal
 
@@ -291,9 +290,10 @@ class Authorizer:
         body = {"items": [{"id": item_id, "permission": {"type": "basic", "name": permission,
                                                          "attributes": {}}}]}
         try:
-            async with httpx.AsyncClient(timeout=self.timeout) as client:
-                resp = await client.post(f"{self.base_url}/authorize", json=body,
-                                         headers={"Authorization": f"Bearer {token}"})
+            async with asyncio.timeout(self.timeout):
+                resp = await outbound.client().post(
+                    f"{self.base_url}/authorize", json=body, timeout=outbound.timeout(self.timeout),
+                    headers={"Authorization": f"Bearer {token}"})
             if resp.status_code != 200:
                 raise ValueError(f"status {resp.status_code}")
             items = resp.json().get("items", [])
