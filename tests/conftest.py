@@ -23,7 +23,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytest_plugins = ["tests.redisserver"]  # the redis_server fixture (a real redis-server)
+pytest_plugins = [
+    "tests.redisserver",  # the redis_server fixture (a real redis-server)
+    "tests.backstage",  # the real Backstage backend fixture (`backstage`)
+]
 
 
 # -- upstreams -------------------------------------------------------------------------------------
