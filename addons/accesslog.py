@@ -1,7 +1,7 @@
 """The access log: one line per request on stdout, built from what the gateway recorded.
 
-The gateway leaves its decision in ``flow.metadata["stagedoor"]`` (request id, the target as
-sent, plugin, route, decision, check, principal, upstream status, ``forwarded_at``); this addon
+The gateway leaves its :class:`~addons.record.FlowRecord` in ``flow.metadata["stagedoor"]``
+(request id, the target as sent, the decision, upstream status, ``forwarded_at``); this addon
 only reads it, so it must come after the gateway in the addon chain. Never logged: the
 ``Authorization`` header, cookies, or the value of a query parameter named in
 ``stagedoor.accessLog.redactQueryKeys``.
@@ -19,39 +19,43 @@ from mitmproxy import http
 from stagedoor.logsetup import format_access_record, iso_time, redact_target
 from stagedoor.runtime import Runtime
 
-from .gateway import META
+from .record import record_of
 
 log = logging.getLogger("stagedoor.access")
-
-_NO_META: dict[str, Any] = {}
-
 
 def access_record(flow: http.HTTPFlow, status: int, keys: frozenset[str],
                   now: float, now_perf: float) -> dict[str, Any]:
     """The fields of one access-log line (``None`` values are dropped when written)."""
-    meta = flow.metadata.get(META) or _NO_META
+    record = record_of(flow.metadata)
     request = flow.request
-    decision = meta.get("decision")
-    forwarded_at = meta.get("forwarded_at")
     peer = flow.client_conn.peername
-    return {
+    fields: dict[str, Any] = {
         "time": iso_time(now),
-        "request_id": meta.get("request_id"),
+        "request_id": None,
         "client": peer[0] if peer else None,
         "method": request.method,
-        "path": redact_target(meta.get("target") or request.path, keys),
-        "plugin": meta.get("plugin"),
-        "route": meta.get("route"),
+        "path": redact_target(record.target if record else request.path, keys),
+        "plugin": None, "route": None,
         "status": status,
-        "decision": decision,
-        "check": meta.get("check"),
-        "reason": (meta.get("reason") or None) if decision != "allow" else None,
-        "principal": meta.get("principal"),
-        "principal_type": meta.get("principal_type"),
-        "upstream_status": meta.get("upstream_status"),
-        "upstream_ms": round((now_perf - forwarded_at) * 1000, 2) if forwarded_at else None,
+        "decision": None, "check": None, "reason": None, "principal": None,
+        "principal_type": None, "upstream_status": None, "upstream_ms": None,
         "latency_ms": round(max(0.0, now - request.timestamp_start) * 1000, 2),
     }
+    if record is not None:
+        forwarded_at = record.forwarded_at
+        fields.update(
+            request_id=record.request_id,
+            plugin=record.plugin,
+            route=record.route,
+            decision=record.outcome,
+            check=record.check,
+            reason=(record.reason or None) if record.outcome != "allow" else None,
+            principal=record.principal,
+            principal_type=record.principal_type,
+            upstream_status=record.upstream_status,
+            upstream_ms=round((now_perf - forwarded_at) * 1000, 2) if forwarded_at else None,
+        )
+    return fields
 
 
 class AccessLog:
@@ -69,18 +73,20 @@ class AccessLog:
     def error(self, flow: http.HTTPFlow) -> None:
         # Only flows the gateway handled and that end without a response (upstream refused or
         # timed out): mitmproxy then answers with the error page the gateway registered.
-        meta = flow.metadata.get(META)
-        if meta is None or flow.response is not None or "status" not in meta:
+        record = record_of(flow.metadata)
+        if record is None or flow.response is not None or record.status is None:
             return
-        self._write(flow, meta["status"])
+        self._write(flow, record.status)
 
     def _write(self, flow: http.HTTPFlow, status: int) -> None:
-        runtime = self.runtime
-        if not runtime.settings.access_log or self._broken:
+        # The state the flow was decided on (the current one for a flow the gateway never saw).
+        record = record_of(flow.metadata)
+        state = record.state if record is not None else self.runtime.state
+        if not state.settings.access_log or self._broken:
             return
-        record = access_record(flow, status, runtime.settings.redacted_query_keys, time.time(),
+        fields = access_record(flow, status, state.settings.redacted_query_keys, time.time(),
                                time.perf_counter())
-        line = format_access_record(record, runtime.operations.log_format)
+        line = format_access_record(fields, state.operations.log_format)
         stream = self.stream or sys.stdout
         try:
             stream.write(line + "\n")

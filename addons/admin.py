@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 
 from stagedoor.runtime import Runtime
 
-from .gateway import META
+from .record import record_of
 
 if TYPE_CHECKING:
     from .lifecycle import Lifecycle
@@ -48,7 +48,6 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 TOKEN_OUTCOMES = {"verified_ok": "ok", "verified_cached": "cached", "failed": "failed",
                   "keys_needed": "keys_needed", "source_unavailable": "source_unavailable"}
 JWKS_OUTCOMES = {"jwks_fetch_ok": "ok", "jwks_fetch_failed": "failed"}
-_NO_META: dict[str, Any] = {}
 
 
 class _StateCollector(Collector):
@@ -60,10 +59,10 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
         runtime = m.runtime
+        state = runtime.state  # one state for the whole scrape
         stats = dict(runtime.retired_token_stats)
-        if runtime.verifier is not None:
-            for name, value in runtime.verifier.stats.items():
-                stats[name] = stats.get(name, 0) + value
+        for name, value in state.verifier.stats.items():
+            stats[name] = stats.get(name, 0) + value
         tokens = CounterMetricFamily("stagedoor_token_verifications",
                                      "Credential verifications by outcome", labels=["outcome"])
         for key, outcome in TOKEN_OUTCOMES.items():
@@ -74,7 +73,7 @@ class _StateCollector(Collector):
         for key, outcome in JWKS_OUTCOMES.items():
             jwks.add_metric([outcome], stats.get(key, 0))
         yield jwks
-        if runtime.authorizer is not None:
+        if state.authorizer is not None:
             asked = CounterMetricFamily(
                 "stagedoor_permission_delegations",
                 "Permission checks delegated to the permission backend, by outcome "
@@ -83,7 +82,7 @@ class _StateCollector(Collector):
                 labels=["outcome"])
             for outcome, key in (("asked", "delegated"), ("cached", "cached"),
                                  ("unreachable", "unreachable")):
-                asked.add_metric([outcome], runtime.authorizer.stats.get(key, 0))
+                asked.add_metric([outcome], state.authorizer.stats.get(key, 0))
             yield asked
         if m.reloader is not None:
             reloads = CounterMetricFamily("stagedoor_reloads",
@@ -96,7 +95,7 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("stagedoor_config_loaded_timestamp_seconds",
                                 "When the state now serving was loaded (start or last reload)",
                                 value=loaded_at)
-        policies = runtime.policies
+        policies = state.policies
         yield GaugeMetricFamily("stagedoor_policy_plugins", "Plugins in the serving policy set",
                                 value=len(policies.plugins))
         yield GaugeMetricFamily("stagedoor_policy_routes", "Routes in the serving policy set",
@@ -143,17 +142,21 @@ class Metrics:
         self.observe(flow, flow.response.status_code)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        meta = flow.metadata.get(META)
-        if meta is None or flow.response is not None or "status" not in meta:
+        record = record_of(flow.metadata)
+        if record is None or flow.response is not None or record.status is None:
             return
-        self.observe(flow, meta["status"])
+        self.observe(flow, record.status)
 
     def observe(self, flow: http.HTTPFlow, status: int) -> None:
-        meta = flow.metadata.get(META) or _NO_META
-        plugin = meta.get("plugin") or ""
-        route = meta.get("route") or ""
-        key = (plugin, route, status, meta.get("decision") or "none",
-               meta.get("check") or "none")
+        record = record_of(flow.metadata)
+        if record is None:
+            key = ("", "", status, "none", "none")
+            forwarded_at = None
+        else:
+            key = (record.plugin or "", record.route or "", status, record.outcome or "none",
+                   record.check or "none")
+            forwarded_at = record.forwarded_at
+        plugin, route = key[0], key[1]
         counter = self._request_children.get(key)
         if counter is None:
             counter = self.requests.labels(plugin, route, str(status), key[3], key[4])
@@ -164,7 +167,6 @@ class Metrics:
         if timer is None:
             timer = self._duration_children[where] = self.duration.labels(plugin, route)
         timer.observe(max(0.0, time.time() - flow.request.timestamp_start))
-        forwarded_at = meta.get("forwarded_at")
         if forwarded_at is not None:
             timer = self._upstream_children.get(where)
             if timer is None:

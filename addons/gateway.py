@@ -1,7 +1,8 @@
 """The policy gateway: turns each flow into a :class:`~stagedoor.decide.GatewayRequest`, runs
-``decide`` and writes the decision back (a local answer, a JSON error, or an upstream rewrite).
+``resolve`` and writes the decision back (a local answer, a JSON error, or an upstream rewrite).
 
-Hooks stay cheap: all parsing and compiling happened when the :class:`Runtime` was built.
+Hooks stay cheap: all parsing, compiling and encoding happened when the
+:class:`~stagedoor.runtime.State` was built.
 """
 
 from __future__ import annotations
@@ -17,20 +18,20 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
-from stagedoor.decide import API_PREFIX, Decision, GatewayRequest, decide
+from stagedoor.decide import API_PREFIX, Answer, Decision, Deny, Forward, GatewayRequest, refuse
 from stagedoor.errors import JSON_CONTENT_TYPE, ApiError, render_error
 from stagedoor.errors import utf8_safe as _utf8_safe
 from stagedoor.logsetup import redact_target
-from stagedoor.openapi import OpenApiEndpoint
-from stagedoor.permissions import DelegationNeeded
-from stagedoor.runtime import Runtime
-from stagedoor.tokens import KeysNeeded, KeySourceUnavailable, extract_bearer
+from stagedoor.resolve import resolve
+from stagedoor.runtime import Runtime, State
 
 from . import mitm_internals
+from .record import META, FlowRecord, record_of
+
+__all__ = ["META", "Gateway"]
 
 log = logging.getLogger("stagedoor.gateway")
 
-META = "stagedoor"
 HOP_BY_HOP = ("connection", "keep-alive", "proxy-connection", "proxy-authorization",
               "proxy-authenticate", "te", "trailer", "upgrade")
 _FRAMING = ("content-length", "transfer-encoding")
@@ -47,125 +48,90 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 class Gateway:
-    """mitmproxy addon: one concern, the request pipeline of SPEC.md."""
+    """mitmproxy addon: one concern, the request pipeline (docs/design.md).
+
+    Each flow captures ``runtime.state`` once, in its :class:`FlowRecord`, and everything done
+    for it (decision, forwarding, response headers, error pages) reads that state only.
+    """
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._openapi = OpenApiEndpoint()  # /api/<pluginId>/.stagedoor/openapi.json, if enabled
-        self._security_source: dict[str, str] | None = None
-        self._security_cache: tuple[tuple[bytes, bytes, bytes], ...] = ()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def load(self, loader: Any) -> None:
-        mitm_internals.install_error_pages(self.runtime.settings.security_headers)
-        # stagedoor.limits: head size/count/time and body size, read per request (reloads apply)
-        mitm_internals.install_limits(lambda: self.runtime.settings.limits, self._error_url)
-        self._openapi.prepare(self.runtime.policies, self.runtime.config)  # render once, now
+        # JSON error pages and stagedoor.limits for what mitmproxy answers itself (malformed or
+        # oversized heads, bodies over the limit): read from the state current at that moment.
+        mitm_internals.install(self._current_state, error_url)
+
+    def _current_state(self) -> State:
+        return self.runtime.state
 
     def running(self) -> None:
+        state = self.runtime.state
         # Answers larger than this are streamed to the client, never buffered whole (at start).
-        stream = self.runtime.settings.limits.stream_response_bytes
+        stream = state.limits.stream_response_bytes
         ctx.options.update(stream_large_bodies=str(stream) if stream else None)
         # Prefetch key sets in the background: an identity provider that is down at start must
         # not keep the proxy from serving (requests that need its keys get 503 meanwhile).
-        if self.runtime.verifier is not None:
-            self._prefetch = asyncio.get_running_loop().create_task(
-                self.runtime.verifier.prefetch(), name="stagedoor-jwks-prefetch")
+        self._prefetch = asyncio.get_running_loop().create_task(
+            state.verifier.prefetch(), name="stagedoor-jwks-prefetch")
 
     # -- request ---------------------------------------------------------------------------------
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:
             return
-        started = time.perf_counter()
         # Settled before any decision, so refusals carry a request id too; "target" is the path
-        # as the client sent it (forwarding rewrites flow.request.path). addons/accesslog.py and
-        # addons/admin.py read this dict.
-        flow.metadata[META] = {"request_id": _request_id(flow.request.headers),
-                               "target": flow.request.path, "started": started}
+        # as the client sent it (forwarding rewrites flow.request.path).
+        record = FlowRecord(_request_id(flow.request.headers), flow.request.path,
+                            time.perf_counter(), self.runtime.state)
+        flow.metadata[META] = record
         try:
-            await self._handle(flow, started)
+            await self._handle(flow, record)
         except Exception:  # fail closed: a bug here must never forward anything
             log.exception("internal error while handling %s %s", flow.request.method,
-                          redact_target(flow.metadata[META]["target"],
-                                        self.runtime.settings.redacted_query_keys))
+                          redact_target(record.target,
+                                        record.state.settings.redacted_query_keys))
             self._cancel_timer(flow)
-            flow.metadata[META].update(decision="error", check="internal")
+            record.failed("internal")
             try:
-                self._respond_error(flow, ApiError(500, "Internal error"), flow.request.path)
+                self._respond_error(flow, ApiError(500, "Internal error"), flow.request.path,
+                                    record.state)
             except Exception:  # not even an error page: a fixed one, never "carry on"
                 flow.response = http.Response.make(500, _INTERNAL_ERROR, _header_fields(
                     [("Content-Type", JSON_CONTENT_TYPE)]))
 
-    async def _handle(self, flow: http.HTTPFlow, started: float) -> None:
+    async def _handle(self, flow: http.HTTPFlow, record: FlowRecord) -> None:
         req = flow.request
-        decision = await self._decide(flow)
-        flow.metadata[META].update({
-            "plugin": decision.plugin_id,
-            "route": decision.route_path,
-            "decision": "allow" if decision.allowed else "deny",
-            "check": decision.check,
-            "principal": decision.principal.subject if decision.principal else None,
-            "principal_type": decision.principal.kind if decision.principal else None,
-            "reason": decision.reason,
-            "url": decision.url,
-        })
-        for note in decision.dry_run:
-            log.warning("dry-run: %s %s: %s", req.method, decision.url.partition("?")[0], note)
-        if decision.dry_run:
-            flow.metadata[META]["dry_run"] = list(decision.dry_run)
-        if decision.reason and not decision.allowed:
-            log.debug("%s %s denied at %s: %s", req.method, decision.url.partition("?")[0],
-                      decision.check, decision.reason)
-
-        if not decision.allowed:
-            assert decision.error is not None
-            self._respond_error(flow, decision.error, decision.url)
-            return
-        if decision.local is not None:
-            local = decision.local
-            flow.response = http.Response.make(local.status, local.body,
-                                               _header_fields(local.headers))
-            return
-        self._forward(flow, decision)
-
-    async def _decide(self, flow: http.HTTPFlow) -> Decision:
-        req = flow.request
+        state = record.state
         if (req.authority and not req.is_http2) or not req.path.startswith("/"):
             # Absolute-form or authority-form target: never a gateway request.
-            return Decision(False, "path", req.path, error=ApiError(400, "Invalid request target"),
-                            reason="non-origin-form request target")
-        greq = GatewayRequest(req.method, req.path, tuple(req.headers.get_all("authorization")))
-        runtime = self.runtime
-        # One snapshot for the whole request: a reload swaps these, never mutates them.
-        policies, verifier, authorizer = runtime.policies, runtime.verifier, runtime.authorizer
-        # The generated OpenAPI document (stagedoor.openapi.serve): local, no credentials.
-        openapi = self._openapi.answer(req.method, req.path, policies, runtime.config)
-        if openapi is not None:
-            return openapi
-        # decide() is pure and synchronous; when it needs the network (a key set, a permission
-        # backend answer) it says so, we fetch, and decide again. A few rounds at most.
-        for _ in range(3):
-            try:
-                return decide(greq, policies, verifier, authorizer)
-            except KeysNeeded as needed:
-                assert verifier is not None
-                await verifier.refresh(needed.source)
-            except DelegationNeeded as needed:
-                assert authorizer is not None
-                token = extract_bearer(list(greq.authorization))
-                await authorizer.resolve(token, needed.permission)
-        unavailable = KeySourceUnavailable("(several)", 5)
-        return Decision(False, "barrier", req.path,
-                        error=ApiError(503, unavailable.message,
-                                       headers=(("Retry-After", "5"),)),
-                        reason="credentials still unresolved after refetching")
+            decision: Decision = refuse(req.path, "path", ApiError(400, "Invalid request target"),
+                                        "non-origin-form request target")
+        else:
+            decision = await resolve(GatewayRequest(
+                req.method, req.path, tuple(req.headers.get_all("authorization"))), state)
+        record.decided(decision)
+        if decision.dry_run:
+            for note in decision.dry_run:
+                log.warning("dry-run: %s %s: %s", req.method, decision.url.partition("?")[0],
+                            note)
+        match decision:
+            case Forward():
+                self._forward(flow, record, decision)
+            case Answer(local=local):
+                flow.response = http.Response.make(local.status, local.body,
+                                                   _header_fields(local.headers))
+            case Deny(error=error):
+                if decision.reason:
+                    log.debug("%s %s denied at %s: %s", req.method,
+                              decision.url.partition("?")[0], decision.check, decision.reason)
+                self._respond_error(flow, error, decision.url, state)
 
-    def _forward(self, flow: http.HTTPFlow, decision: Decision) -> None:
+    def _forward(self, flow: http.HTTPFlow, record: FlowRecord, decision: Forward) -> None:
         req = flow.request
         up = decision.upstream
-        assert up is not None
-        settings = self.runtime.settings
+        settings = record.state.settings  # the state this request was decided on
         headers = req.headers
         # One pass over the raw header fields (mitmproxy's Headers API rescans them for every
         # lookup and deletion). Headers the client lists in Connection are hop-by-hop too
@@ -195,12 +161,10 @@ class Gateway:
                      b"https" if flow.client_conn.tls_established else b"http"))
         if client_host:
             kept.append((b"X-Forwarded-Host", _bytes(client_host)))
-        meta = flow.metadata[META]
-        headers.fields = _set_field(tuple(kept), b"X-Request-Id", _bytes(meta["request_id"]))
-        meta["upstream"] = up.url
+        headers.fields = _set_field(tuple(kept), b"X-Request-Id", _bytes(record.request_id))
         if b"close" in listed:  # mitmproxy reads the (now stripped) request headers for that
-            meta["client_close"] = True
-        meta["forwarded_at"] = time.perf_counter()  # upstream latency, for the log and metrics
+            record.client_close = True
+        record.forwarded_at = time.perf_counter()  # upstream latency, for the log and metrics
 
         req.scheme = up.scheme
         req.host = up.host
@@ -209,8 +173,7 @@ class Gateway:
         # mitmproxy reads "get" as GET (decide saw GET) but would send "get" on: forward the
         # method that was authorised, byte for byte.
         req.method = req.method
-        default = 443 if up.scheme == "https" else 80
-        headers["Host"] = up.host if up.port == default else f"{up.host}:{up.port}"
+        headers["Host"] = up.host_header
 
         loop = asyncio.get_running_loop()
         self._timers[flow.id] = loop.call_later(decision.timeout, self._expire, flow)
@@ -221,25 +184,18 @@ class Gateway:
         # is being streamed (its head already left for the client).
         if flow.error is not None or (flow.response is not None and flow.response.stream):
             return
-        meta = flow.metadata.get(META)
-        if meta is not None:
-            meta["timed_out"] = True
+        record = record_of(flow.metadata)
+        if record is not None:
+            record.timed_out = True
         if not mitm_internals.close_server_connection(flow):
             log.warning("upstream timeout: could not find the server connection of flow %s",
                         flow.id)
 
-    def _error_url(self, target: str) -> str:
-        """``request.url`` of an error body for a raw target (relative to a known mount)."""
-        plugin = target[len(API_PREFIX):].partition("/")[0].partition("?")[0]
-        if target.startswith(API_PREFIX) and plugin in self.runtime.policies.plugins:
-            rest = target[len(API_PREFIX) + len(plugin):]
-            target = rest if rest.startswith("/") else "/" + rest
-        return redact_target(target, self.runtime.settings.redacted_query_keys)
-
-    def _respond_error(self, flow: http.HTTPFlow, error: ApiError, url: str) -> None:
+    def _respond_error(self, flow: http.HTTPFlow, error: ApiError, url: str,
+                       state: State) -> None:
         # request.url is echoed raw, except the values of secret-looking query parameters
         # (stagedoor.accessLog.redactQueryKeys): a token never comes back in an error body.
-        url = _utf8_safe(redact_target(url, self.runtime.settings.redacted_query_keys))
+        url = _utf8_safe(redact_target(url, state.settings.redacted_query_keys))
         error = dataclasses.replace(error, message=_utf8_safe(error.message))
         status, body, headers = render_error(error, _utf8_safe(flow.request.method), url)
         flow.response = http.Response.make(status, body, _header_fields(headers))
@@ -253,8 +209,8 @@ class Gateway:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         # An upstream answer may be streamed (stagedoor.limits.streamResponseBytes), and then
         # its head leaves before the response hook: finish it here already.
-        meta = flow.metadata.get(META)
-        if flow.response is not None and meta is not None and "upstream" in meta:
+        record = record_of(flow.metadata)
+        if flow.response is not None and record is not None and record.forwarded:
             self._finish_head(flow)
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -271,41 +227,34 @@ class Gateway:
         # One pass over the raw header fields: mitmproxy's Headers API rescans and re-lowercases
         # every field for each lookup, which cost ~200 µs per response with a dozen security
         # headers (this runs twice per forwarded response).
-        meta = flow.metadata.get(META)
+        record = record_of(flow.metadata)
+        # A flow the gateway never saw (mitmproxy answered it itself): the current state.
+        state = record.state if record is not None else self.runtime.state
         fields = resp.headers.fields
-        upstream = meta is not None and "upstream" in meta
+        upstream = record is not None and record.forwarded
         if upstream:
-            meta["upstream_status"] = resp.status_code
+            assert record is not None
+            record.upstream_status = resp.status_code
             fields = _without_hop_by_hop(fields)
         present = {name.lower() for name, _ in fields}
-        fields += tuple((name, value) for lower, name, value in self._security_fields()
+        fields += tuple((name, value) for lower, name, value in state.security_fields
                         if lower not in present)
-        if upstream and meta.get("client_close"):  # the client said "Connection: close"
-            fields += ((b"Connection", b"close"),)
-        if meta is not None and "request_id" in meta:
-            fields = _set_field(fields, b"X-Request-Id", _bytes(meta["request_id"]))
+        if record is not None:
+            if upstream and record.client_close:  # the client said "Connection: close"
+                fields += ((b"Connection", b"close"),)
+            fields = _set_field(fields, b"X-Request-Id", _bytes(record.request_id))
         resp.headers.fields = fields
-
-    def _security_fields(self) -> tuple[tuple[bytes, bytes, bytes], ...]:
-        """``stagedoor.securityHeaders`` as (lowercase name, name, value) bytes, encoded once per
-        settings object (a reload brings a new one)."""
-        headers = self.runtime.settings.security_headers
-        if headers is not self._security_source:
-            self._security_cache = tuple((_bytes(name.lower()), _bytes(name), _bytes(value))
-                                         for name, value in headers.items())
-            self._security_source = headers
-        return self._security_cache
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._cancel_timer(flow)
-        meta = flow.metadata.get(META)
-        if meta is None or flow.error is None:
+        record = record_of(flow.metadata)
+        if record is None or flow.error is None or not record.forwarded:
             return
         # A response head from the upstream does not mean the client got anything: unless it
         # was streamed, a reset or timeout mid-body still gets the JSON 502/504.
-        if flow.response is not None and (flow.response.stream or "upstream" not in meta):
+        if flow.response is not None and flow.response.stream:
             return
-        if meta.get("timed_out"):
+        if record.timed_out:
             error = ApiError(504, "The upstream did not answer in time")
         else:
             error = ApiError(502, "The upstream could not be reached")
@@ -313,19 +262,26 @@ class Gateway:
         level = logging.DEBUG if "client disconnected" in flow.error.msg.lower() else \
             logging.WARNING
         log.log(level, "upstream error for %s %s -> %s: %s", flow.request.method,
-                meta.get("route"), meta.get("upstream"), flow.error.msg)
-        url = _utf8_safe(redact_target(meta.get("url", "/"),
-                                       self.runtime.settings.redacted_query_keys))
+                record.route, record.upstream, flow.error.msg)
+        state = record.state
+        url = _utf8_safe(redact_target(record.url, state.settings.redacted_query_keys))
         status, body, headers = render_error(error, _utf8_safe(flow.request.method), url)
         extra = tuple((k, v) for k, v in headers if k.lower() != "content-type")
-        if "request_id" in meta:
-            extra += (("X-Request-Id", meta["request_id"]),)
+        extra += (("X-Request-Id", record.request_id),)
         if flow.request.method == "HEAD":
             body = b""  # a body after a HEAD answer would be read as the next response
-        mitm_internals.register_error(flow.error.msg, status, body, extra)
-        meta["decision"] = "error"
-        meta["check"] = "upstream"
-        meta["status"] = status  # for the access log and metrics (addons run after this one)
+        mitm_internals.register_error(flow.error.msg, status, body,
+                                      tuple(state.security_headers.items()) + extra)
+        record.failed("upstream", status)  # for the access log and metrics (they run after)
+
+
+def error_url(target: str, state: State) -> str:
+    """``request.url`` of an error body for a raw target (relative to a known mount)."""
+    plugin = target[len(API_PREFIX):].partition("/")[0].partition("?")[0]
+    if target.startswith(API_PREFIX) and plugin in state.policies.plugins:
+        rest = target[len(API_PREFIX) + len(plugin):]
+        target = rest if rest.startswith("/") else "/" + rest
+    return redact_target(target, state.settings.redacted_query_keys)
 
 
 def _strip_hop_by_hop(headers: http.Headers) -> None:

@@ -44,7 +44,7 @@ from mitmproxy.addons import view
 from stagedoor.config import Config, ConfigError
 from stagedoor.runtime import GatewaySettings
 
-from .gateway import META
+from .record import META, FlowRecord
 
 log = logging.getLogger("stagedoor.inspect")
 
@@ -337,8 +337,14 @@ def _scrub_in_place(f: flow.Flow, state: dict[str, Any]) -> None:
         f.request.set_state(state["request"])
         if f.response is not None and state.get("response"):
             f.response.set_state(state["response"])
+    # The gateway's live record of a flow in flight is kept: it drives the hooks still to come,
+    # and what it holds came from the already scrubbed request (its saved form is scrubbed
+    # again at every take of the state).
+    live = f.metadata.get(META)
     f.metadata.clear()
     f.metadata.update(state["metadata"])
+    if isinstance(live, FlowRecord):
+        f.metadata[META] = live
     f.comment = state["comment"]
     if f.error is not None and state.get("error"):
         f.error.msg = state["error"]["msg"]
@@ -349,6 +355,8 @@ def describe(f: http.HTTPFlow) -> str | None:
     """The one-line decision shown as the flow's comment, or None for a flow stagedoor did not
     handle. Starts with the decision; ``key=value`` pairs so filters can be exact."""
     meta = f.metadata.get(META)
+    if isinstance(meta, FlowRecord):
+        meta = meta.saved_form()
     if not isinstance(meta, dict):
         return None
     decision = meta.get("decision") or "unknown"
@@ -389,7 +397,7 @@ class Annotator:
         if text is None:
             return
         f.comment = text
-        decision = f.metadata[META].get("decision")
+        decision = text.partition(" ")[0]  # describe() starts with the decision
         if decision == "deny":
             f.marked = MARK_DENIED
         elif decision == "error":

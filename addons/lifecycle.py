@@ -71,7 +71,7 @@ class Lifecycle:
         reasons = []
         if self.draining:
             reasons.append("shutting down")
-        if not self.runtime.policies.plugins:
+        if not self.runtime.state.policies.plugins:
             reasons.append("no policies loaded")
         server = ctx.master.addons.get("proxyserver") if self._started else None
         if server is None or not server.listen_addrs():
@@ -90,7 +90,7 @@ class Lifecycle:
                                                                  name="stagedoor-drain")
 
     async def _drain(self) -> None:
-        grace = self.runtime.operations.grace_period
+        grace = self.runtime.state.operations.grace_period
         log.info("stagedoor shutting down: refusing new connections, waiting up to %gs for %d "
                  "request(s) in flight", grace, self.in_flight)
         # mitmproxy's public "server" option, off, stops every proxy server instance: the
@@ -123,7 +123,7 @@ def operations_addons(runtime: Runtime, admin: tuple[str, int] | bool | None = T
     lifecycle = Lifecycle(runtime)
     reloader = Reloader(runtime)
     metrics = Metrics(runtime, lifecycle=lifecycle, reloader=reloader)
-    address = runtime.operations.admin_listen if admin is True else admin or None
+    address = runtime.state.operations.admin_listen if admin is True else admin or None
     return [lifecycle, AccessLog(runtime), metrics, reloader,
             AdminServer(metrics, lifecycle, address)]
 

@@ -13,7 +13,7 @@
 3. **Request limits** (``stagedoor.limits``). mitmproxy buffers a request head of any size
    (``_http1.Http1Server.read_headers`` says "FIXME: protect against header size DoS"), waits for
    it forever, and its ``body_size_limit`` applies to requests and responses alike (a large
-   answer would be cut off instead of streamed). :func:`install_limits` wraps ``read_headers``
+   answer would be cut off instead of streamed). :func:`install` wraps ``read_headers``
    (431 for a head over ``maxHeaderBytes`` or with more than ``maxHeaderCount`` fields; the
    connection is closed when a head is not complete ``headerTimeoutSeconds`` after its first
    byte) and ``HttpStream.check_body_size`` for requests only (413 over ``maxBodyBytes``, and a
@@ -32,7 +32,6 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from mitmproxy import flow as mflow
 from mitmproxy import http, version
@@ -42,6 +41,7 @@ from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http1
 
 from stagedoor.errors import ERROR_NAMES, JSON_CONTENT_TYPE, SECURITY_HEADERS, error_body
+from stagedoor.runtime import Limits, State
 
 log = logging.getLogger("stagedoor.gateway")
 
@@ -50,12 +50,16 @@ _MAX_PENDING = 4096
 # so its id cannot be reused while the entry exists.
 _pending: OrderedDict[int, tuple[str, int, bytes, tuple[tuple[str, str], ...]]] = OrderedDict()
 _installed = False
-_security_headers: dict[str, str] = dict(SECURITY_HEADERS)
+#: The state current when mitmproxy answers by itself (no flow, or no flow the gateway saw).
+_state: Callable[[], State] | None = None
 
 
 def register_error(message: str, status: int, body: bytes,
                    headers: tuple[tuple[str, str], ...] = ()) -> None:
-    """Say which JSON error to write when mitmproxy reports ``message`` to the client."""
+    """Say which JSON error to write when mitmproxy reports ``message`` to the client.
+
+    ``headers`` are every header to add (security headers included: they come from the state
+    the flow was decided on)."""
     _pending[id(message)] = (message, status, body, headers)
     while len(_pending) > _MAX_PENDING:
         _pending.popitem(last=False)
@@ -64,10 +68,10 @@ def register_error(message: str, status: int, body: bytes,
 def json_error_response(status_code: int, message: str = "") -> bytes:
     """Drop-in replacement for ``_http1.make_error_response``: JSON, never HTML."""
     entry = _pending.pop(id(message), None)
-    extra: tuple[tuple[str, str], ...] = ()
     if entry is not None and entry[0] is message:
         _, status_code, body, extra = entry
     else:
+        extra = _current_security_headers()
         # No flow context (e.g. a malformed request line): still SPEC-shaped, no internals.
         name = ERROR_NAMES.get(status_code, "Error")
         public = {400: "Malformed request", 413: "Request body too large",
@@ -81,20 +85,35 @@ def json_error_response(status_code: int, message: str = "") -> bytes:
         Connection="close",
         Content_Type=JSON_CONTENT_TYPE,
     )
-    for key, value in _security_headers.items():
-        headers[key] = value
     for key, value in extra:
         headers[key] = value
     response = http.Response.make(status_code, body, headers)
     return http1.assemble_response(response)
 
 
-def install_error_pages(security_headers: dict[str, str] | None = None) -> None:
+def _current_security_headers() -> tuple[tuple[str, str], ...]:
+    headers = _state().security_headers if _state is not None else SECURITY_HEADERS
+    return tuple(headers.items())
+
+
+def install(state: Callable[[], State], url_for: Callable[[str, State], str]) -> None:
+    """Install the JSON error pages and ``stagedoor.limits`` (idempotent; a later call replaces
+    the providers).
+
+    ``state()`` answers the current state: it is read once per request head (limits, and the
+    security headers of a page written without a flow) and once per body check. ``url_for``
+    turns a raw request target into the ``request.url`` of an error body under a state.
+    """
+    global _state, _url_for
+    _state = state
+    _url_for = url_for
+    install_error_pages()
+    _install_limits()
+
+
+def install_error_pages() -> None:
     """Replace mitmproxy's HTML error page writer (idempotent)."""
     global _installed
-    if security_headers is not None:
-        _security_headers.clear()
-        _security_headers.update(security_headers)
     if _installed:
         return
     if not callable(getattr(_http1, "make_error_response", None)):  # pragma: no cover
@@ -120,25 +139,18 @@ def close_server_connection(flow: http.HTTPFlow) -> bool:
 
 
 # -- request limits ------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class RequestLimits:
-    """What one client may send (``stagedoor.limits``); 0 or None disables a limit."""
-
-    max_header_bytes: int = 0  # request line + header fields
-    max_header_count: int = 0
-    max_body_bytes: int = 0
-    header_timeout: float = 0.0  # seconds from a head's first byte to its end
+def _url_as_sent(target: str, state: State) -> str:
+    return target
 
 
-_limits: Callable[[], RequestLimits] = RequestLimits
-_url_for: Callable[[str], str] = lambda target: target  # noqa: E731
+_url_for: Callable[[str, State], str] = _url_as_sent
 _original_read_headers: Callable[..., object] | None = None
 _original_check_body_size: Callable[..., object] | None = None
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 BODY_TOO_LARGE = "Request body exceeds stagedoor.limits.maxBodyBytes"
 
 
-def _head_problem(buf: bytearray, limits: RequestLimits) -> tuple[bool, str | None]:
+def _head_problem(buf: bytearray, limits: Limits) -> tuple[bool, str | None]:
     """(head complete?, why it is refused or None) for the bytes of a request head so far."""
     max_bytes = limits.max_header_bytes
     window = bytes(buf)  # (a ReceiveBuffer: no slicing) at most a head and one read
@@ -158,25 +170,26 @@ def _head_problem(buf: bytearray, limits: RequestLimits) -> tuple[bool, str | No
     return True, None
 
 
-def _head_context(buf: bytearray) -> tuple[str, str]:
+def _head_context(buf: bytearray, state: State) -> tuple[str, str]:
     """Method and plugin-relative url from a request line, for an error body; '' if unusable."""
     line = bytes(buf)[:8192].lstrip(b"\r\n").split(b"\n", 1)[0].rstrip(b"\r")
     parts = line.split(b" ")
     if len(parts) == 3 and parts[1].startswith(b"/") and line.isascii() \
             and all(0x20 < c < 0x7F for c in parts[0] + parts[1]):
-        return parts[0].decode(), _url_for(parts[1].decode())
+        return parts[0].decode(), _url_for(parts[1].decode(), state)
     return "", ""
 
 
 def _limited_read_headers(self: _http1.Http1Server, event: events.Event):  # type: ignore[no-untyped-def]
     assert _original_read_headers is not None
-    if isinstance(event, events.DataReceived):
-        limits = _limits()
+    if isinstance(event, events.DataReceived) and _state is not None:
+        state = _state()
+        limits = state.limits
         complete, problem = _head_problem(self.buf, limits)
         if problem is not None:
-            method, url = _head_context(self.buf)
+            method, url = _head_context(self.buf, state)
             body = error_body(431, ERROR_NAMES[431], problem, method, url)
-            register_error(problem, 431, body)
+            register_error(problem, 431, body, tuple(state.security_headers.items()))
             yield commands.SendData(self.conn, _http1.make_error_response(431, problem))
             yield commands.CloseConnection(self.conn)
             self.state = self.done
@@ -219,7 +232,10 @@ def _limited_check_body_size(self: http_layers.HttpStream, request: bool):  # ty
     assert _original_check_body_size is not None
     if not request:
         return (yield from _original_check_body_size(self, request))  # type: ignore[misc]
-    limit = _limits().max_body_bytes
+    if _state is None:
+        return False
+    state = _state()
+    limit = state.limits.max_body_bytes
     if not limit:
         return False
     if self.request_body_buf:
@@ -238,7 +254,8 @@ def _limited_check_body_size(self: http_layers.HttpStream, request: bool):  # ty
     message = f"{BODY_TOO_LARGE} ({limit} bytes)"
     req = self.flow.request
     register_error(message, 413, error_body(413, ERROR_NAMES[413], "Request body too large",
-                                            req.method, _url_for(req.path)))
+                                            req.method, _url_for(req.path, state)),
+                   tuple(state.security_headers.items()))
     self.flow.error = mflow.Error(message)
     yield http_layers.HttpErrorHook(self.flow)
     yield http_layers.SendHttp(
@@ -250,17 +267,9 @@ def _limited_check_body_size(self: http_layers.HttpStream, request: bool):  # ty
     return True
 
 
-def install_limits(limits: Callable[[], RequestLimits],
-                   url_for: Callable[[str], str] | None = None) -> None:
-    """Enforce ``limits()`` (read on every request, so a reload applies) on HTTP/1 clients.
-
-    ``url_for`` turns a raw request target into the ``request.url`` of an error body.
-    Idempotent; a later call replaces the providers.
-    """
-    global _limits, _url_for, _original_read_headers, _original_check_body_size
-    _limits = limits
-    if url_for is not None:
-        _url_for = url_for
+def _install_limits() -> None:
+    """Wrap ``read_headers`` and ``check_body_size`` once (they read ``_state()`` per use)."""
+    global _original_read_headers, _original_check_body_size
     server, stream = _http1.Http1Server, http_layers.HttpStream
     if _original_read_headers is None:
         if not callable(getattr(server, "read_headers", None)) or \

@@ -1,9 +1,10 @@
 """Hot reload of the policies and the config files, on a file change or on SIGHUP.
 
 A reload reads and validates everything off the event loop (``load_state`` in a thread), then
-swaps it in with :meth:`Runtime.apply` on the loop: requests in flight finish on the policy they
-started with, the next ones see the new one. A change that does not load is refused with one
-log line naming ``file:line`` and the problem; the last good state keeps serving.
+swaps it in with :meth:`Runtime.apply` on the loop (one reference): requests in flight finish
+on the state they started with, the next ones see the new one. A change that does not load is
+refused with one log line naming ``file:line`` and the problem; the last good state keeps
+serving.
 
 What is watched (``watchfiles``, non-recursive): the policy directory, the directory of every
 config file, and the real directory behind every symlinked file. Kubernetes ConfigMap volumes
@@ -31,9 +32,7 @@ from watchfiles import Change, awatch
 from stagedoor.config import ConfigError
 from stagedoor.logsetup import configure_logging
 from stagedoor.policy import PolicyLoadError, PolicyProblem, policy_files
-from stagedoor.runtime import LoadedState, Runtime, input_fingerprint, load_state
-
-from . import mitm_internals
+from stagedoor.runtime import Runtime, State, input_fingerprint, load_state
 
 log = logging.getLogger("stagedoor.reload")
 
@@ -121,7 +120,7 @@ class Reloader:
     def running(self) -> None:
         self._lock = self._lock or asyncio.Lock()
         self._stop = asyncio.Event()
-        if self.runtime.operations.watch:
+        if self.runtime.state.operations.watch:
             self._spawn(self._watch(), "stagedoor-watch")
 
     def done(self) -> None:
@@ -148,11 +147,13 @@ class Reloader:
             runtime = self.runtime
             files, policy_dir = list(runtime.config_files), runtime.policy_dir
             fingerprint = await asyncio.to_thread(input_fingerprint, files, policy_dir)
-            if not force and fingerprint in (runtime.fingerprint, self._refused):
+            if not force and fingerprint in (runtime.state.fingerprint, self._refused):
                 return None
             started = time.perf_counter()
             try:
-                state = await asyncio.to_thread(load_state, files, policy_dir)
+                # Built off the loop; the verifier and authorizer are carried over when their
+                # settings did not change (runtime.state cannot change meanwhile: the lock).
+                state = await asyncio.to_thread(load_state, files, policy_dir, runtime.state)
             except PolicyLoadError as exc:
                 problem = refusal_message(exc.problems)
             except ConfigError as exc:
@@ -169,17 +170,16 @@ class Reloader:
                       trigger, problem)
             return False
 
-    def _apply(self, state: LoadedState, trigger: str, started: float) -> None:
+    def _apply(self, state: State, trigger: str, started: float) -> None:
         runtime = self.runtime
-        old_ops = runtime.operations
+        old_ops = runtime.state.operations
         report = runtime.apply(state)
         self._refused = None
-        mitm_internals.install_error_pages(runtime.settings.security_headers)
-        ops = runtime.operations
+        ops = state.operations
         if (ops.log_level, ops.log_format) != (old_ops.log_level, old_ops.log_format):
             configure_logging(ops.log_level, ops.log_format)
-        if report.verifier_replaced and runtime.verifier is not None:
-            self._spawn(runtime.verifier.prefetch(), "stagedoor-jwks-prefetch")
+        if report.verifier_replaced:
+            self._spawn(state.verifier.prefetch(), "stagedoor-jwks-prefetch")
         self.stats["success"] += 1
         self.last_success = time.time()
         kept = [name for name, replaced in (("token verifier", report.verifier_replaced),

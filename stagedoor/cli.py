@@ -112,14 +112,14 @@ def _load_runtime(config_files: list[str], policy_dir: str):  # -> Runtime | Non
 def _listen_from(args: argparse.Namespace, runtime) -> tuple[str, int]:
     if args.listen:
         return _parse_listen(args.listen)
-    return _parse_listen(runtime.config.get_string("stagedoor.listen", DEFAULT_LISTEN))
+    return _parse_listen(runtime.state.config.get_string("stagedoor.listen", DEFAULT_LISTEN))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     runtime = _load_runtime(_config_files(args), args.policies)
     if runtime is None:
         return 1
-    _setup_logging(runtime.operations.log_level, runtime.operations.log_format)
+    _setup_logging(runtime.state.operations.log_level, runtime.state.operations.log_format)
     try:
         host, port = _listen_from(args, runtime)
         admin = _admin_address(args.admin)
@@ -129,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     def ready(addrs: list[tuple[str, int]]) -> None:
         where = ", ".join(f"http://{h}:{p}" for h, p in addrs)
         log.info("stagedoor listening on %s (%d plugin(s), %d route(s))", where,
-                 len(runtime.policies.plugins), runtime.policies.route_count)
+                 len(runtime.state.policies.plugins), runtime.state.policies.route_count)
 
     loop_factory = None
     if args.workers > 1 and args.worker_index is None:  # the supervisor (stagedoor/supervisor.py)
@@ -138,13 +138,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         def all_ready(h: str, p: int, pids: list[int]) -> None:
             log.info("stagedoor listening on http://%s (%d workers, pids %s; %d plugin(s), "
                      "%d route(s))", supervisor.format_address(h, p), len(pids),
-                     " ".join(map(str, pids)), len(runtime.policies.plugins),
-                     runtime.policies.route_count)
+                     " ".join(map(str, pids)), len(runtime.state.policies.plugins),
+                     runtime.state.policies.route_count)
 
         return supervisor.supervise(
             args.argv, args.workers, host, port,
-            runtime.operations.admin_listen if admin is True else admin or None,
-            runtime.operations.grace_period, all_ready)
+            runtime.state.operations.admin_listen if admin is True else admin or None,
+            runtime.state.operations.grace_period, all_ready)
     if args.worker_index is not None:  # one of the supervisor's workers
         from . import supervisor
 
@@ -193,7 +193,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     runtime = _load_runtime(_config_files(args), args.policies)
     if runtime is None:
         return 1
-    _setup_logging(runtime.operations.log_level, runtime.operations.log_format)
+    _setup_logging(runtime.state.operations.log_level, runtime.state.operations.log_format)
     try:
         host, port = _listen_from(args, runtime)
         web_host, web_port = _web_address(args.web)
@@ -202,7 +202,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from addons.inspect import InspectSettings
 
     try:
-        settings = InspectSettings.from_config(runtime.config, runtime.settings,
+        settings = InspectSettings.from_config(runtime.state.config, runtime.state.settings,
                                                max_flows=args.max_flows, save_path=args.save)
     except ConfigError as exc:
         return _fail(str(exc))
@@ -210,7 +210,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     def ready(addrs: list[tuple[str, int]], web_url: str) -> None:
         where = ", ".join(f"http://{h}:{p}" for h, p in addrs)
         log.info("stagedoor listening on %s (%d plugin(s), %d route(s))", where,
-                 len(runtime.policies.plugins), runtime.policies.route_count)
+                 len(runtime.state.policies.plugins), runtime.state.policies.route_count)
         # Printed once, here only: the token in this URL is the UI's only key.
         print(f"\nstagedoor inspect: web UI at {web_url}\n"
               f"  (loopback only; keeps the last {settings.max_flows} flows; secrets redacted"
@@ -250,11 +250,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     runtime = _load_runtime(_config_files(args), args.policies)
     if runtime is None:
         return 1
-    if not runtime.config.has("stagedoor.log.format"):  # a person is watching: text
+    if not runtime.state.config.has("stagedoor.log.format"):  # a person is watching: text
         from dataclasses import replace
 
-        runtime.operations = replace(runtime.operations, log_format="text")
-    _setup_logging(runtime.operations.log_level, runtime.operations.log_format)
+        state = runtime.state
+        runtime.state = replace(state, operations=replace(state.operations, log_format="text"))
+    _setup_logging(runtime.state.operations.log_level, runtime.state.operations.log_format)
     try:
         host, port = _listen_from(args, runtime)
         admin = _admin_address(args.admin)
@@ -326,7 +327,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     runtime = _load_runtime(_config_files(args), args.policies)
     if runtime is None:
         return 2
-    decision = explain(runtime, args.method, args.url, token=args.token, user=args.user,
+    decision = explain(runtime.state, args.method, args.url, token=args.token, user=args.user,
                        service=args.service)
     print(render(decision, args.method, args.url))
     return 0 if decision.allowed else 1

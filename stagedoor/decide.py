@@ -1,16 +1,25 @@
 """The request pipeline as one pure function: ``decide(request, policies, verifier) -> Decision``.
 
-Order of checks (SPEC.md): plugin -> credentials barrier -> route and method -> principal kind
--> access restrictions -> path parameters. Nothing here touches the network or mitmproxy; the
-only side door is :class:`~stagedoor.tokens.KeysNeeded`, raised when a token needs a key set that
-is not cached yet: the caller fetches it (asynchronously) and calls ``decide`` again.
+Order of checks (docs/design.md): plugin -> credentials barrier -> route and method -> principal
+kind -> access restrictions -> path parameters -> permission -> action. Nothing here touches the
+network or mitmproxy. Two side doors, both exceptions: :class:`~stagedoor.tokens.KeysNeeded` (a
+token needs a key set that is not cached yet) and
+:class:`~stagedoor.permissions.DelegationNeeded` (a rule asks the permission backend); the
+caller does the I/O and calls ``decide`` again. :func:`stagedoor.resolve.resolve` is that caller.
+
+A :data:`Decision` is one of three things: :class:`Deny`, :class:`Answer` (a local response) or
+:class:`Forward` (an upstream). Each carries the same :class:`Context` (plugin, route,
+principal, url, params, trace, dry-run notes); a combination such as "allowed with an error" or
+"forward without an upstream" cannot be built.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import ClassVar, Protocol
 
 from .errors import ApiError
 from .permissions import Authorizer, evaluate
@@ -20,6 +29,10 @@ from .tokens import CredentialError, KeySourceUnavailable, Principal, extract_be
 
 API_PREFIX = "/api/"
 _SAFE_QUERY = re.compile(r"[\x21-\x7e]*")  # printable ASCII, no space
+_NO_PARAMS: Mapping[str, str] = MappingProxyType({})
+
+#: One step of an explanation: (step name, what it found).
+TraceStep = tuple[str, str]
 
 
 class Verifier(Protocol):
@@ -28,6 +41,9 @@ class Verifier(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class GatewayRequest:
+    """What a decision reads of a request: its head only (never the body), so it can be
+    decided as soon as the head is in."""
+
     method: str
     target: str  # the raw request target: path and query, still percent-encoded
     authorization: tuple[str, ...] = ()  # every Authorization header value, in order
@@ -46,55 +62,163 @@ class Upstream:
         netloc = self.host if self.port == default else f"{self.host}:{self.port}"
         return f"{self.scheme}://{netloc}{self.path}"
 
+    @property
+    def host_header(self) -> str:
+        """The ``Host`` header for this upstream (port omitted when it is the default)."""
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
 
-@dataclass(slots=True)
-class Decision:
-    """What to do with a request, and why. ``check`` names the step that decided."""
 
-    allowed: bool
-    check: str  # "allow" or the denying step: plugin, path, barrier, route, method, principal,
-    #             access, params
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What every decision carries, whatever it is: where the request went and who sent it.
+
+    ``trace`` is filled only when asked for (``decide(..., explain=True)``): ``stagedoor
+    explain`` and tests read it; the proxy's hot path does not build it.
+    """
+
     url: str  # request.url for error bodies: relative to the plugin mount, raw
     plugin_id: str | None = None
     route: Route | None = None
     principal: Principal | None = None
-    error: ApiError | None = None
-    upstream: Upstream | None = None
-    local: LocalResponse | None = None
-    timeout: float = 30.0
-    params: dict[str, str] = field(default_factory=dict)
-    reason: str = ""  # log-only detail (e.g. why a token failed); never a secret
-    trace: list[tuple[str, str]] = field(default_factory=list)
-    dry_run: list[str] = field(default_factory=list)  # what non-enforced rules would have denied
+    params: Mapping[str, str] = _NO_PARAMS
+    trace: tuple[TraceStep, ...] = ()
+    dry_run: tuple[str, ...] = ()  # what non-enforced rules would have denied
 
     @property
     def route_path(self) -> str | None:
-        return self.route.path if self.route else None
+        return self.route.path if self.route is not None else None
 
 
-def _deny(decision: Decision, check: str, error: ApiError, reason: str = "") -> Decision:
-    decision.allowed = False
-    decision.check = check
-    decision.error = error
-    decision.reason = reason
-    decision.upstream = None
-    decision.local = None
-    decision.trace.append((check, f"deny {error.status} {error.error_name}: {error.message}"
-                           + (f" ({reason})" if reason else "")))
-    return decision
+class _Decided:
+    """Read-through properties to the shared :class:`Context` (no state of its own)."""
+
+    __slots__ = ()
+    context: Context
+
+    @property
+    def url(self) -> str:
+        return self.context.url
+
+    @property
+    def plugin_id(self) -> str | None:
+        return self.context.plugin_id
+
+    @property
+    def route(self) -> Route | None:
+        return self.context.route
+
+    @property
+    def route_path(self) -> str | None:
+        return self.context.route_path
+
+    @property
+    def principal(self) -> Principal | None:
+        return self.context.principal
+
+    @property
+    def params(self) -> Mapping[str, str]:
+        return self.context.params
+
+    @property
+    def trace(self) -> tuple[TraceStep, ...]:
+        return self.context.trace
+
+    @property
+    def dry_run(self) -> tuple[str, ...]:
+        return self.context.dry_run
 
 
-def _check_permission(decision: Decision, route: Route, principal: Principal | None,
-                      token: str | None, values: dict[str, str], policies: PolicySet,
+@dataclass(frozen=True, slots=True)
+class Deny(_Decided):
+    """Refuse with ``error``; ``check`` names the step that refused (plugin, path, barrier,
+    route, method, principal, access, params, permission); ``reason`` is a log-only detail
+    (why a token failed, say), never a secret."""
+
+    context: Context
+    error: ApiError
+    check: str
+    reason: str = ""
+    allowed: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, slots=True)
+class Answer(_Decided):
+    """Answer locally (a health check, static JSON, the OpenAPI document)."""
+
+    context: Context
+    local: LocalResponse
+    allowed: ClassVar[bool] = True
+    check: ClassVar[str] = "allow"
+
+
+@dataclass(frozen=True, slots=True)
+class Forward(_Decided):
+    """Send the request to ``upstream`` (its path rebuilt from the route's template), waiting at
+    most ``timeout`` seconds for the answer. Only a matched route forwards."""
+
+    context: Context
+    upstream: Upstream
+    timeout: float
+    allowed: ClassVar[bool] = True
+    check: ClassVar[str] = "allow"
+
+    def __post_init__(self) -> None:
+        if self.context.route is None or self.context.plugin_id is None:
+            raise ValueError("a Forward decision needs a matched plugin and route")
+
+
+Decision = Deny | Answer | Forward
+
+
+def refuse(url: str, check: str, error: ApiError, reason: str = "") -> Deny:
+    """A denial before any plugin is known (e.g. a request target that is not origin-form)."""
+    return Deny(Context(url), error, check, reason)
+
+
+class _Draft:
+    """The context as the pipeline learns it; frozen into a :class:`Context` at the end."""
+
+    __slots__ = ("dry_run", "params", "plugin_id", "principal", "route", "trace", "url")
+
+    def __init__(self, url: str, explain: bool) -> None:
+        self.url = url
+        self.plugin_id: str | None = None
+        self.route: Route | None = None
+        self.principal: Principal | None = None
+        self.params: Mapping[str, str] = _NO_PARAMS
+        self.trace: list[TraceStep] | None = [] if explain else None
+        self.dry_run: list[str] = []
+
+    def context(self) -> Context:
+        return Context(self.url, self.plugin_id, self.route, self.principal, self.params,
+                       tuple(self.trace) if self.trace else (), tuple(self.dry_run))
+
+    def deny(self, check: str, error: ApiError, reason: str = "") -> Deny:
+        if self.trace is not None:
+            self.trace.append((check, f"deny {error.status} {error.error_name}: "
+                                      f"{error.message}" + (f" ({reason})" if reason else "")))
+        return Deny(self.context(), error, check, reason)
+
+    def would_deny(self, note: str) -> None:
+        self.dry_run.append(note)
+        if self.trace is not None:
+            self.trace.append(("permission", f"dry-run: {note}"))
+
+
+def _check_permission(draft: _Draft, route: Route, principal: Principal | None,
+                      token: str | None, values: Mapping[str, str], policies: PolicySet,
                       authorizer: Authorizer | None) -> ApiError | None:
     """None when the route's permission is granted, else the 403 to answer."""
     permission = route.permission
     assert permission is not None
+    trace = draft.trace
     message = f"Permission '{permission}' denied"
     if principal is not None and principal.access_permissions is not None \
             and permission not in principal.access_permissions:
-        decision.trace.append(("permission", f"{permission}: outside the token's access "
-                                             "restrictions"))
+        if trace is not None:
+            trace.append(("permission", f"{permission}: outside the token's access "
+                                        "restrictions"))
         return ApiError(403, f"This token's access is restricted and does not include "
                              f"permission '{permission}'")
     resource = values.get(route.resource_param) if route.resource_param else None
@@ -105,16 +229,16 @@ def _check_permission(decision: Decision, route: Route, principal: Principal | N
                        resource, ask)
     for rule, effect in outcome.shadow:
         if effect == "deny":
-            note = f"rule {rule.where} ({rule.permission}, enforce: false) would deny"
-            decision.dry_run.append(note)
-            decision.trace.append(("permission", f"dry-run: {note}"))
+            draft.would_deny(f"rule {rule.where} ({rule.permission}, enforce: false) would deny")
     what = f"{permission}" + (f" on {resource!r}" if resource is not None else "")
     if outcome.rule is None:
-        decision.trace.append(("permission", f"{what}: no rule matched: default deny"))
+        if trace is not None:
+            trace.append(("permission", f"{what}: no rule matched: default deny"))
         return ApiError(403, message)
-    how = "permission backend" if outcome.delegated else "rule"
-    verdict = "allow" if outcome.allowed else "deny"
-    decision.trace.append(("permission", f"{what}: {verdict} by {how} {outcome.rule.where}"))
+    if trace is not None:
+        how = "permission backend" if outcome.delegated else "rule"
+        verdict = "allow" if outcome.allowed else "deny"
+        trace.append(("permission", f"{what}: {verdict} by {how} {outcome.rule.where}"))
     return None if outcome.allowed else ApiError(403, message)
 
 
@@ -126,42 +250,45 @@ def _relative_url(target: str, mount: str) -> str:
 
 
 def decide(request: GatewayRequest, policies: PolicySet, verifier: Verifier | None,
-           authorizer: Authorizer | None = None) -> Decision:
-    """Run every check for one request.
+           authorizer: Authorizer | None = None, *, explain: bool = False) -> Decision:
+    """Run every check for one request; pure and synchronous.
 
     Raises only ``KeysNeeded`` (a key set must be fetched) or ``DelegationNeeded`` (the
     permission backend must be asked); the caller resolves either and calls again.
+    ``explain``: record every step in ``context.trace`` (off on the proxy's hot path).
     """
     target = request.target
-    decision = Decision(allowed=False, check="plugin", url=target)
+    draft = _Draft(target, explain)
+    trace = draft.trace
 
     # 1. plugin -----------------------------------------------------------------------------
     path, _, query = target.partition("?")
     query = "?" + query if _ else ""
     if not path.startswith(API_PREFIX):
-        return _deny(decision, "plugin", ApiError(404, "Not Found"), "not under /api/")
+        return draft.deny("plugin", ApiError(404, "Not Found"), "not under /api/")
     plugin_id, slash, rest = path[len(API_PREFIX):].partition("/")
     policy = policies.plugins.get(plugin_id)
     if policy is None:
-        return _deny(decision, "plugin", ApiError(404, f"No plugin found with id '{plugin_id}'"
-                                                  if plugin_id.isascii() and plugin_id.isprintable()
-                                                  else "Not Found"))
-    decision.plugin_id = plugin_id
+        return draft.deny("plugin", ApiError(404, f"No plugin found with id '{plugin_id}'"
+                                             if plugin_id.isascii() and plugin_id.isprintable()
+                                             else "Not Found"))
+    draft.plugin_id = plugin_id
     mount = API_PREFIX + plugin_id
-    decision.url = _relative_url(target, mount)
-    decision.trace.append(("plugin", f"{plugin_id} ({policy.file})"))
+    draft.url = _relative_url(target, mount)
+    if trace is not None:
+        trace.append(("plugin", f"{plugin_id} ({policy.file})"))
 
     if "#" in target:
-        return _deny(decision, "path", ApiError(400, "Invalid request path"), "fragment in target")
+        return draft.deny("path", ApiError(400, "Invalid request path"), "fragment in target")
     if query and not _SAFE_QUERY.fullmatch(query):
         # The query is forwarded as sent: no control bytes or raw non-ASCII (RFC 3986), which
         # upstream parsers disagree about.
-        return _deny(decision, "path", ApiError(400, "Invalid request target"),
-                     "control or non-ASCII byte in query")
+        return draft.deny("path", ApiError(400, "Invalid request target"),
+                          "control or non-ASCII byte in query")
     try:
         segments = split_segments(slash + rest)
     except PathRejected as exc:
-        return _deny(decision, "path", ApiError(400, "Invalid request path"), exc.reason)
+        return draft.deny("path", ApiError(400, "Invalid request path"), exc.reason)
 
     # 2. credentials barrier (before routing, so routes cannot be enumerated) ------------------
     match = policy.table.match(request.method, segments)
@@ -172,86 +299,87 @@ def decide(request: GatewayRequest, policies: PolicySet, verifier: Verifier | No
     principal: Principal | None = None
     token: str | None = None
     if open_path:
-        decision.trace.append(("barrier", "path is unauthenticated: credentials ignored"))
+        if trace is not None:
+            trace.append(("barrier", "path is unauthenticated: credentials ignored"))
     else:
         try:
             token = extract_bearer(list(request.authorization))
             if token is None:
-                return _deny(decision, "barrier", ApiError(401, "Missing credentials"))
+                return draft.deny("barrier", ApiError(401, "Missing credentials"))
             if verifier is None:
-                return _deny(decision, "barrier", ApiError(401, "Illegal token"),
-                             "no credential source is configured")
+                return draft.deny("barrier", ApiError(401, "Illegal token"),
+                                  "no credential source is configured")
             principal = verifier.verify(token, plugin_id)
         except CredentialError as exc:
-            return _deny(decision, "barrier", ApiError(401, exc.message), exc.reason)
+            return draft.deny("barrier", ApiError(401, exc.message), exc.reason)
         except KeySourceUnavailable as exc:
-            return _deny(decision, "barrier",
-                         ApiError(503, exc.message,
-                                  headers=(("Retry-After", str(exc.retry_after)),)),
-                         f"key source unavailable: {exc.source_url}")
-        decision.principal = principal
-        decision.trace.append(("barrier", f"{principal.kind} {principal.subject} "
-                                          f"(via {principal.source})"))
+            return draft.deny("barrier",
+                              ApiError(503, exc.message,
+                                       headers=(("Retry-After", str(exc.retry_after)),)),
+                              f"key source unavailable: {exc.source_url}")
+        draft.principal = principal
+        if trace is not None:
+            trace.append(("barrier", f"{principal.kind} {principal.subject} "
+                                     f"(via {principal.source})"))
 
     # 3. route and method ----------------------------------------------------------------------
     if match is None:
-        return _deny(decision, "route", ApiError(404, f"No route for {request.method} "
-                                                      f"{decision.url.partition('?')[0]}"))
+        return draft.deny("route", ApiError(404, f"No route for {request.method} "
+                                                 f"{draft.url.partition('?')[0]}"))
     if match.entry is None:
         allow = ", ".join(match.allowed_methods)
-        return _deny(decision, "method",
-                     ApiError(405, f"Method {request.method} is not allowed; allowed: {allow}",
-                              headers=(("Allow", allow),)))
+        return draft.deny("method",
+                          ApiError(405, f"Method {request.method} is not allowed; allowed: "
+                                        f"{allow}", headers=(("Allow", allow),)))
     route = match.entry
-    decision.route = route
-    decision.timeout = route.timeout
-    decision.trace.append(("route", f"{'/'.join(route.methods)} {route.path} "
-                                    f"({route.file}:{route.line})"))
+    draft.route = route
+    if trace is not None:
+        trace.append(("route", f"{'/'.join(route.methods)} {route.path} "
+                               f"({route.file}:{route.line})"))
 
     # 4. principal kind ------------------------------------------------------------------------
     if not route.unauthenticated:
         assert principal is not None  # the barrier demanded credentials for this route
         if principal.kind not in route.auth:
-            return _deny(decision, "principal", ApiError(
+            return draft.deny("principal", ApiError(
                 403, f"This endpoint does not allow '{principal.kind}' credentials"))
         # External access restrictions: a token limited to some plugins stays there.
         if principal.access_plugins is not None and plugin_id not in principal.access_plugins:
             allowed = ", ".join(f"'{p}'" for p in sorted(principal.access_plugins))
-            return _deny(decision, "access", ApiError(
+            return draft.deny("access", ApiError(
                 403, f"This token's access is restricted to plugin(s) {allowed}"))
-        decision.trace.append(("principal", f"{principal.kind} allowed by route"))
+        if trace is not None:
+            trace.append(("principal", f"{principal.kind} allowed by route"))
 
     # 5. path parameters -----------------------------------------------------------------------
     values = route.template.bind(segments)
     for name, value in values.items():
         problem = route.params[name].check(value)
         if problem is not None:
-            return _deny(decision, "params", ApiError(400, problem))
-    decision.params = values
+            return draft.deny("params", ApiError(400, problem))
     if values:
-        decision.trace.append(("params", ", ".join(f"{k}={v!r} ok" for k, v in values.items())))
+        draft.params = MappingProxyType(values)
+        if trace is not None:
+            trace.append(("params", ", ".join(f"{k}={v!r} ok" for k, v in values.items())))
 
     # 6. permission ----------------------------------------------------------------------------
     if route.permission is not None:
-        denied = _check_permission(decision, route, principal, token, values, policies,
+        denied = _check_permission(draft, route, principal, token, values, policies,
                                    authorizer)
         if denied is not None:
             if route.enforce:
-                return _deny(decision, "permission", denied)
-            note = (f"route {route.path} ({route.file}:{route.line}) is enforce: false; "
-                    f"would deny: {denied.message}")
-            decision.dry_run.append(note)
-            decision.trace.append(("permission", f"dry-run: {note}"))
+                return draft.deny("permission", denied)
+            draft.would_deny(f"route {route.path} ({route.file}:{route.line}) is enforce: false; "
+                             f"would deny: {denied.message}")
 
-    # 6. action --------------------------------------------------------------------------------
-    decision.allowed = True
-    decision.check = "allow"
+    # 7. action --------------------------------------------------------------------------------
     if route.respond is not None:
-        decision.local = route.respond
-        decision.trace.append(("action", f"answer locally with {route.respond.status}"))
-    else:
-        assert route.upstream is not None
-        up = route.upstream
-        decision.upstream = Upstream(up.scheme, up.host, up.port, up.path_for(values) + query)
-        decision.trace.append(("action", f"forward to {decision.upstream.url}"))
-    return decision
+        if trace is not None:
+            trace.append(("action", f"answer locally with {route.respond.status}"))
+        return Answer(draft.context(), route.respond)
+    assert route.upstream is not None
+    up = route.upstream
+    upstream = Upstream(up.scheme, up.host, up.port, up.path_for(values) + query)
+    if trace is not None:
+        trace.append(("action", f"forward to {upstream.url}"))
+    return Forward(draft.context(), upstream, route.timeout)

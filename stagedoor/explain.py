@@ -10,11 +10,11 @@ import asyncio
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from .decide import Decision, GatewayRequest, decide
+from .decide import Answer, Decision, Deny, Forward, GatewayRequest
 from .errors import ERROR_NAMES
-from .permissions import DelegationNeeded
-from .runtime import Runtime
-from .tokens import KeysNeeded, Principal
+from .resolve import resolve
+from .runtime import State
+from .tokens import Principal
 
 _STAND_IN_TOKEN = "stagedoor-explain-stand-in"
 
@@ -37,30 +37,21 @@ def request_target(url: str) -> str:
     return url
 
 
-def explain(runtime: Runtime, method: str, url: str, *, token: str | None = None,
+def explain(state: State, method: str, url: str, *, token: str | None = None,
             user: str | None = None, service: str | None = None) -> Decision:
-    """The decision the proxy would take, resolving key fetches and delegations on the way."""
-    verifier = runtime.verifier
+    """The decision the proxy would take, with its trace (key fetches and delegations done)."""
     header: tuple[str, ...] = ()
+    stand_in: _StandInVerifier | None = None
     if token is not None:
         header = (f"Bearer {token}",)
     elif user is not None or service is not None:
         kind, subject = ("user", user) if user is not None else ("service", service)
         assert subject is not None
         principal = Principal(kind, subject, source=f"explain --{kind}")  # type: ignore[arg-type]
-        verifier = _StandInVerifier(principal)  # type: ignore[assignment]
+        stand_in = _StandInVerifier(principal)
         header = (f"Bearer {_STAND_IN_TOKEN}",)
     request = GatewayRequest(method.upper(), request_target(url), header)
-    for _ in range(3):
-        try:
-            return decide(request, runtime.policies, verifier, runtime.authorizer)
-        except KeysNeeded as needed:
-            assert runtime.verifier is not None
-            asyncio.run(runtime.verifier.refresh(needed.source))
-        except DelegationNeeded as needed:
-            assert runtime.authorizer is not None
-            asyncio.run(runtime.authorizer.resolve(token, needed.permission))
-    raise RuntimeError("the decision still needs the network after three rounds")
+    return asyncio.run(resolve(request, state, explain=True, verifier=stand_in))
 
 
 def render(decision: Decision, method: str, url: str) -> str:
@@ -69,19 +60,16 @@ def render(decision: Decision, method: str, url: str) -> str:
     width = max((len(step) for step, _ in decision.trace), default=6)
     for step, text in decision.trace:
         lines.append(f"  {step:<{width}}  {text}")
-    if decision.allowed:
-        if decision.local is not None:
-            outcome = f"{decision.local.status} allow: answered locally"
-        else:
-            assert decision.upstream is not None
-            outcome = f"allow: forward to {decision.upstream.url}"
-    else:
-        assert decision.error is not None
-        error = decision.error
-        outcome = (f"{error.status} {ERROR_NAMES.get(error.status, 'Error')}: {error.message} "
-                   f"(denied at '{decision.check}')")
-        if decision.reason:
-            outcome += f"\n   reason: {decision.reason}"
+    match decision:
+        case Answer(local=local):
+            outcome = f"{local.status} allow: answered locally"
+        case Forward(upstream=upstream):
+            outcome = f"allow: forward to {upstream.url}"
+        case Deny(error=error, check=check, reason=reason):
+            outcome = (f"{error.status} {ERROR_NAMES.get(error.status, 'Error')}: "
+                       f"{error.message} (denied at '{check}')")
+            if reason:
+                outcome += f"\n   reason: {reason}"
     lines.append(f"=> {outcome}")
     for note in decision.dry_run:
         lines.append(f"   dry-run: {note}")

@@ -2,7 +2,7 @@
 
 Pure: no mitmproxy, no network. ``stagedoor openapi`` prints :func:`build_document`; the gateway
 serves the same document per plugin at ``/api/<pluginId>/.stagedoor/openapi.json`` through
-:class:`OpenApiEndpoint` when ``stagedoor.openapi.serve`` is true.
+:class:`ServedDocuments` when ``stagedoor.openapi.serve`` is true.
 
 What the document says, and why:
 
@@ -35,13 +35,14 @@ import json
 import logging
 import re
 import unicodedata
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from .config import Config, ConfigError, MissingConfigError, load_config
-from .decide import API_PREFIX, Decision
+from .decide import API_PREFIX, Answer, Context, Decision, Deny
 from .errors import ERROR_NAMES, JSON_CONTENT_TYPE, ApiError
 from .policy import (
     HTTP_METHODS,
@@ -624,27 +625,16 @@ def load_for_document(policy_dir: str | Path, config_files: list[str]) -> tuple[
 
 # -- serving it ------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
-class _Built:
-    policies: PolicySet
-    config: Config
-    serve: bool
-    bodies: dict[str, LocalResponse]
+class ServedDocuments:
+    """The documents ``GET /api/<pluginId>/.stagedoor/openapi.json`` answers with, rendered once
+    per load (they are part of the frozen state); empty when ``stagedoor.openapi.serve`` is
+    off."""
 
+    serve: bool = False
+    bodies: Mapping[str, LocalResponse] = field(default_factory=dict)
 
-class OpenApiEndpoint:
-    """The local answer for ``GET /api/<pluginId>/.stagedoor/openapi.json``: no credentials.
-
-    Documents are rendered once per (policy set, config) pair, i.e. at load and after each
-    reload; per request there is one substring test and, on a hit, a dict lookup.
-    """
-
-    def __init__(self) -> None:
-        self._built: _Built | None = None
-
-    def prepare(self, policies: PolicySet, config: Config) -> _Built:
-        built = self._built
-        if built is not None and built.policies is policies and built.config is config:
-            return built
+    @classmethod
+    def build(cls, policies: PolicySet, config: Config) -> ServedDocuments:
         try:
             serve = config.get_bool(SERVE_KEY, False)
         except ConfigError as exc:  # refuse to serve rather than refuse to start
@@ -660,28 +650,23 @@ class OpenApiEndpoint:
                 for warning in warnings:
                     log.warning("openapi: %s", warning)
                 bodies[plugin_id] = LocalResponse(200, render(doc), headers)
-        built = _Built(policies, config, serve, bodies)
-        self._built = built
-        return built
+        return cls(serve, MappingProxyType(bodies))
 
-    def answer(self, method: str, target: str, policies: PolicySet,
-               config: Config) -> Decision | None:
-        """A decision for the document's path; None for every other request."""
-        if SELF_PATH not in target:
-            return None
-        built = self.prepare(policies, config)
-        if not built.serve:
+    def answer(self, method: str, target: str) -> Decision | None:
+        """The local answer for the document's path (no credentials); None for every other
+        request. Per request: one substring test and, on a hit, a dict lookup."""
+        if not self.serve or SELF_PATH not in target:
             return None
         path = target.partition("?")[0]
         if not path.startswith(API_PREFIX) or not path.endswith(SELF_PATH):
             return None
         plugin_id = path[len(API_PREFIX):-len(SELF_PATH)]
-        local = built.bodies.get(plugin_id)
+        local = self.bodies.get(plugin_id)
         if local is None:
             return None
-        url = target[len(API_PREFIX) + len(plugin_id):]
+        context = Context(target[len(API_PREFIX) + len(plugin_id):], plugin_id)
         if method not in ("GET", "HEAD"):
-            return Decision(False, "method", url, plugin_id=plugin_id, error=ApiError(
-                405, f"Method {method} is not allowed; allowed: GET, HEAD",
-                headers=(("Allow", "GET, HEAD"),)))
-        return Decision(True, "allow", url, plugin_id=plugin_id, local=local)
+            return Deny(context, ApiError(405, f"Method {method} is not allowed; allowed: "
+                                               "GET, HEAD", headers=(("Allow", "GET, HEAD"),)),
+                        "method")
+        return Answer(context, local)

@@ -1,7 +1,8 @@
-"""What a running sidecar holds: config, gateway settings, policies and the token verifier.
+"""What a running sidecar holds: one frozen :class:`State` per load, swapped as one reference.
 
-Built once at boot (and again on reload); the addons only read it. Swapping ``policies`` is a
-single attribute assignment, so a request sees either the old or the new set, never a mix.
+:func:`load_state` reads the files, validates them and derives everything a request needs
+(encoded security headers, OpenAPI documents, limits) once; :class:`Runtime` holds the current
+state and swaps it whole on reload. Nothing here imports mitmproxy.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from .config import Config, ConfigError, load_config
 from .errors import SECURITY_HEADERS
 from .logsetup import LOG_FORMATS, parse_level
+from .openapi import ServedDocuments
 from .permissions import Authorizer
 from .policy import PolicySet, load_policies, parse_duration, policy_files
 from .tokens import AuthSettings, TokenVerifier
@@ -166,24 +168,53 @@ def _invalid(config: Config, key: str, problem: str) -> ConfigError:
     return ConfigError(f"Invalid config value at '{key}' in '{config._origin(key)}': {problem}")
 
 
+SecurityFields = tuple[tuple[bytes, bytes, bytes], ...]
+
+
+def encode_header(text: str) -> bytes:
+    """How mitmproxy's ``Headers`` encode a str name or value."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 @dataclass(frozen=True, slots=True)
-class LoadedState:
-    """Everything read from the files, parsed and validated, before anything is swapped in."""
+class State:
+    """Everything one load produced, parsed, validated and derived, never changed afterwards.
+
+    A request captures the state once, at its start, and reads only that: a reload builds a
+    new ``State`` (off the event loop) and :class:`Runtime` swaps one reference. The verifier
+    and the authorizer hold caches (keys, tokens, permission answers); they are carried over
+    from the previous state when what they are built from did not change.
+    """
 
     config: Config
     settings: GatewaySettings
     operations: OperationsSettings
     policies: PolicySet
     auth: AuthSettings
+    verifier: TokenVerifier
     authorizer: Authorizer
     authorizer_inputs: tuple[Any, ...]  # what the authorizer was built from (reuse if equal)
+    openapi: ServedDocuments
+    #: ``stagedoor.securityHeaders`` as (lowercase name, name, value) bytes, encoded once.
+    security_fields: SecurityFields
     fingerprint: str = ""  # input_fingerprint() of the files, taken before reading them
 
+    @property
+    def limits(self) -> Limits:
+        return self.settings.limits
 
-def load_state(config_files: Sequence[str], policy_dir: str) -> LoadedState:
-    """Read and validate config and policies; no network, no side effects, safe off-loop.
+    @property
+    def security_headers(self) -> dict[str, str]:
+        return self.settings.security_headers
 
-    Raises ConfigError / MissingConfigError / PolicyLoadError.
+
+def load_state(config_files: Sequence[str], policy_dir: str,
+                previous: State | None = None) -> State:
+    """Read, validate and derive a :class:`State`; no network, no event loop: safe in a thread.
+
+    With ``previous``, its verifier and authorizer (and their caches) are kept when the
+    settings they are built from are equal. Raises ConfigError / MissingConfigError /
+    PolicyLoadError.
     """
     fingerprint = input_fingerprint(config_files, policy_dir)
     config = load_config(list(config_files))
@@ -192,10 +223,19 @@ def load_state(config_files: Sequence[str], policy_dir: str) -> LoadedState:
     policies = load_policies(Path(policy_dir), config)
     auth = AuthSettings.from_config(config)
     permission_url = _permission_base_url(auth)
-    authorizer = Authorizer.from_config(config, permission_url)
     inputs = (repr(config.get("stagedoor.permissions")), permission_url)
-    return LoadedState(config, settings, operations, policies, auth, authorizer, inputs,
-                       fingerprint)
+    if previous is not None and previous.authorizer_inputs == inputs:
+        authorizer = previous.authorizer
+    else:
+        authorizer = Authorizer.from_config(config, permission_url)
+    if previous is not None and previous.auth == auth:
+        verifier = previous.verifier
+    else:
+        verifier = TokenVerifier(auth)
+    security = tuple((encode_header(name.lower()), encode_header(name), encode_header(value))
+                     for name, value in settings.security_headers.items())
+    return State(config, settings, operations, policies, auth, verifier, authorizer, inputs,
+                 ServedDocuments.build(policies, config), security, fingerprint)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,69 +272,49 @@ def input_fingerprint(config_files: Sequence[str], policy_dir: str) -> str:
     return digest.hexdigest()
 
 
-@dataclass
 class Runtime:
-    config_files: list[str]
-    policy_dir: str
-    config: Config
-    settings: GatewaySettings
-    policies: PolicySet
-    verifier: TokenVerifier | None
-    authorizer: Authorizer | None = None
-    operations: OperationsSettings = field(default_factory=OperationsSettings)
-    #: Token stats of verifiers replaced by reloads, so counters built on them never go down.
-    retired_token_stats: dict[str, int] = field(default_factory=dict)
-    #: input_fingerprint() of the files the current state was loaded from.
-    fingerprint: str = ""
-    _authorizer_inputs: tuple[Any, ...] = ()
+    """What a running sidecar holds: where it loads from, and the one current :class:`State`.
+
+    ``runtime.state`` is the only thing a reload changes, in one assignment on the event
+    loop's thread; read it once per request and keep using what you read.
+    """
+
+    def __init__(self, config_files: Sequence[str], policy_dir: str, state: State) -> None:
+        self.config_files = list(config_files)
+        self.policy_dir = policy_dir
+        self.state = state
+        #: Token stats of verifiers replaced by reloads, so counters built on them never go down.
+        self.retired_token_stats: dict[str, int] = {}
 
     @classmethod
-    def load(cls, config_files: list[str], policy_dir: str) -> Runtime:
+    def load(cls, config_files: Sequence[str], policy_dir: str) -> Runtime:
         """Load everything; raises ConfigError / MissingConfigError / PolicyLoadError."""
-        state = load_state(config_files, policy_dir)
-        return cls(config_files, policy_dir, state.config, state.settings, state.policies,
-                   TokenVerifier(state.auth), state.authorizer, state.operations,
-                   fingerprint=state.fingerprint, _authorizer_inputs=state.authorizer_inputs)
+        return cls(config_files, policy_dir, load_state(config_files, policy_dir))
 
-    def apply(self, state: LoadedState) -> ReloadReport:
-        """Swap in a validated state. Call on the event loop's thread.
+    def apply(self, state: State) -> ReloadReport:
+        """Swap in a state built by :func:`load_state` (with this runtime's current state as
+        ``previous``). Call on the event loop's thread.
 
-        Plain attribute assignments with no await in between: a request snapshots either the
-        old or the new policies/verifier/authorizer, never a mix, and requests in flight finish
-        on what they started with. The token verifier (with its key and token caches) and the
-        authorizer (with its answer cache) are kept when the config they read did not change.
-        A replaced verifier is not closed: in-flight requests may still be awaiting its fetch.
+        One assignment: a request sees the old or the new state, never a mix, and requests in
+        flight finish on the state they captured. A replaced verifier is not closed: requests
+        in flight may still be awaiting its fetch.
         """
+        old = self.state
         restart: tuple[str, ...] = ()
-        if self.config.get("stagedoor.listen") != state.config.get("stagedoor.listen"):
+        if old.config.get("stagedoor.listen") != state.config.get("stagedoor.listen"):
             restart += ("stagedoor.listen",)
-        if self.operations.admin_listen != state.operations.admin_listen:
+        if old.operations.admin_listen != state.operations.admin_listen:
             restart += ("stagedoor.admin.listen",)
-        if self.operations.watch != state.operations.watch:
+        if old.operations.watch != state.operations.watch:
             restart += ("stagedoor.reload.watch",)
-        old_verifier = self.verifier
-        verifier = old_verifier
-        if verifier is None or verifier.settings != state.auth:
-            verifier = TokenVerifier(state.auth)
-        authorizer = self.authorizer
-        if authorizer is None or self._authorizer_inputs != state.authorizer_inputs:
-            authorizer = state.authorizer
-        # -- the swap ---------------------------------------------------------------------
-        self.config = state.config
-        self.settings = state.settings
-        self.operations = state.operations
-        self.policies = state.policies
-        self.verifier = verifier
-        self.authorizer = authorizer
-        self._authorizer_inputs = state.authorizer_inputs
-        self.fingerprint = state.fingerprint
-        # ---------------------------------------------------------------------------------
-        if verifier is not old_verifier and old_verifier is not None:
-            for name, value in old_verifier.stats.items():
+        self.state = state  # -- the swap --
+        verifier_replaced = state.verifier is not old.verifier
+        if verifier_replaced:
+            for name, value in old.verifier.stats.items():
                 self.retired_token_stats[name] = self.retired_token_stats.get(name, 0) + value
         return ReloadReport(len(state.policies.plugins), state.policies.route_count,
-                            verifier_replaced=verifier is not old_verifier,
-                            authorizer_replaced=authorizer is state.authorizer,
+                            verifier_replaced=verifier_replaced,
+                            authorizer_replaced=state.authorizer is not old.authorizer,
                             restart_needed=restart)
 
 

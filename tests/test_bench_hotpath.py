@@ -44,8 +44,8 @@ def _runtime(tmp_path: Path, routes: int) -> tuple[Runtime, str]:
     policies.mkdir()
     (policies / "insights.yaml").write_text(generated_policy(routes))
     runtime = Runtime.load([str(config)], str(policies))
-    assert runtime.verifier is not None and runtime.verifier.user_source is not None
-    runtime.verifier.user_source.set_keys(parse_jwks(keys.user_jwks()), time.time())
+    assert runtime.state.verifier is not None and runtime.state.verifier.user_source is not None
+    runtime.state.verifier.user_source.set_keys(parse_jwks(keys.user_jwks()), time.time())
     return runtime, mint_user_token(keys.user, issuer=f"{UPSTREAM}/api/auth")
 
 
@@ -99,5 +99,5 @@ def test_requests_do_no_parsing_compiling_or_logging_setup(tmp_path, monkeypatch
 
     asyncio.run(serve_requests())
     assert dict(calls) == {}
-    stats = runtime.verifier.stats
+    stats = runtime.state.verifier.stats
     assert stats["verified_ok"] == 1 and stats["verified_cached"] == 49

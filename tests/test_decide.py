@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from stagedoor.config import Config
-from stagedoor.decide import GatewayRequest, decide
+from stagedoor.decide import (
+    Answer,
+    Context,
+    Deny,
+    Forward,
+    GatewayRequest,
+    Upstream,
+    decide,
+)
 from stagedoor.policy import load_policies
 from stagedoor.tokens import CredentialError, KeySourceUnavailable, Principal
 
@@ -38,14 +47,16 @@ class FakeVerifier:
         raise CredentialError("Illegal token", "test: unknown token")
 
 
-def run(target: str, token: str | None = None, method: str = "GET", verifier=None):
+def run(target: str, token: str | None = None, method: str = "GET", verifier=None,
+        explain: bool = False):
     auth = (f"Bearer {token}",) if token else ()
-    return decide(GatewayRequest(method, target, auth), POLICIES, verifier or FakeVerifier())
+    return decide(GatewayRequest(method, target, auth), POLICIES, verifier or FakeVerifier(),
+                  explain=explain)
 
 
 def test_allowed_request_carries_the_upstream_url():
     d = run("/api/insights/services/payments-api?x=1", "jane")
-    assert d.allowed and d.check == "allow"
+    assert isinstance(d, Forward) and d.allowed and d.check == "allow"
     assert d.upstream.url == "http://127.0.0.1:9000/v1/services/payments-api?x=1"
     assert d.principal == JANE
 
@@ -53,7 +64,7 @@ def test_allowed_request_carries_the_upstream_url():
 def test_unauthenticated_route_never_calls_the_verifier():
     verifier = FakeVerifier()
     d = run("/api/insights/health", "garbage", verifier=verifier)
-    assert d.allowed and d.local is not None and verifier.calls == 0
+    assert isinstance(d, Answer) and d.local.status == 200 and verifier.calls == 0
 
 
 def test_unknown_plugin_is_decided_before_credentials():
@@ -95,7 +106,8 @@ def test_denied_decision_never_carries_an_upstream():
     for target in ("/api/insights/services/BAD", "/api/insights/services/x/..",
                    "/api/insights/x"):
         d = run(target, "jane")
-        assert not d.allowed and d.upstream is None and d.local is None
+        assert isinstance(d, Deny) and not d.allowed
+        assert not hasattr(d, "upstream") and not hasattr(d, "local")
 
 
 def test_relative_url_of_the_plugin_root():
@@ -104,9 +116,40 @@ def test_relative_url_of_the_plugin_root():
 
 
 def test_trace_names_every_step_for_explain():
-    d = run("/api/insights/services/payments-api", "jane")
+    d = run("/api/insights/services/payments-api", "jane", explain=True)
     assert [step for step, _ in d.trace] == ["plugin", "barrier", "route", "principal",
                                              "params", "permission", "action"]
+
+
+def test_trace_is_not_built_unless_asked():
+    assert run("/api/insights/services/payments-api", "jane").trace == ()
+    assert run("/api/insights/services/BAD", "jane").trace == ()
+
+
+def test_a_denial_is_traced_with_its_step_when_asked():
+    d = run("/api/insights/services/x", "forged", explain=True)
+    assert d.trace[-1][0] == "barrier" and "401" in d.trace[-1][1]
+
+
+def test_decisions_are_frozen():
+    d = run("/api/insights/services/payments-api", "jane")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.upstream = None  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.context.principal = None  # type: ignore[misc]
+
+
+def test_a_forward_without_a_route_cannot_be_built():
+    with pytest.raises(ValueError, match="route"):
+        Forward(Context("/x"), Upstream("http", "127.0.0.1", 80, "/x"), 1.0)
+
+
+def test_every_decision_shares_the_context_fields():
+    allowed = run("/api/insights/services/payments-api", "jane")
+    denied = run("/api/insights/services/BAD", "jane")
+    for d in (allowed, denied):
+        assert d.plugin_id == "insights" and d.principal == JANE
+        assert d.route_path == "/services/{id}"
 
 
 @pytest.mark.parametrize("token", ["jane", None])

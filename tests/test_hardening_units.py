@@ -20,7 +20,7 @@ from addons.gateway import CLIENT_OVERRIDES, Gateway
 from addons.master import UnroutedGuard
 from stagedoor.config import ConfigError, load_config
 from stagedoor.errors import ApiError, error_body, render_error, utf8_safe
-from stagedoor.runtime import Runtime
+from stagedoor.runtime import Limits, Runtime
 from stagedoor.yamlsource import YamlSyntaxError, load_lined
 
 from .conftest import ROOT, write_config
@@ -129,7 +129,7 @@ def test_override_headers_are_on_the_strip_list():
 
 
 # -- limits: the pure part, and tripwires for the internals they wrap -----------------------------
-LIMITS = mitm_internals.RequestLimits(max_header_bytes=100, max_header_count=3)
+LIMITS = Limits(max_header_bytes=100, max_header_count=3)
 
 
 @pytest.mark.parametrize(("data", "complete", "problem"), [

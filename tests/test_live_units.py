@@ -9,6 +9,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 from mitmproxy.test import tflow
@@ -17,10 +18,12 @@ from watchfiles import Change
 
 from addons.accesslog import AccessLog, access_record
 from addons.admin import AdminServer, Metrics, parse_head
-from addons.gateway import META
 from addons.lifecycle import Lifecycle
+from addons.record import META, FlowRecord
 from addons.reload import Reloader, describe_changes, refusal_message, watch_plan
 from stagedoor.config import ConfigError, load_config
+from stagedoor.decide import Context, Decision, Deny, Forward, Upstream
+from stagedoor.errors import ApiError
 from stagedoor.logsetup import (
     JsonFormatter,
     configure_logging,
@@ -33,10 +36,12 @@ from stagedoor.runtime import (
     DEFAULT_REDACTED_QUERY_KEYS,
     OperationsSettings,
     Runtime,
+    State,
     input_fingerprint,
     load_state,
     parse_listen,
 )
+from stagedoor.tokens import Principal
 
 KEYS = frozenset(DEFAULT_REDACTED_QUERY_KEYS)
 
@@ -188,12 +193,12 @@ class Files:
     def runtime(self) -> Runtime:
         return Runtime.load([str(self.config)], str(self.policies))
 
-    def state(self):
-        return load_state([str(self.config)], str(self.policies))
+    def state(self, previous: State | None = None) -> State:
+        return load_state([str(self.config)], str(self.policies), previous)
 
 
 def upstream_port(runtime: Runtime) -> int:
-    route = runtime.policies.plugins["unit"].routes[0]
+    route = runtime.state.policies.plugins["unit"].routes[0]
     assert route.upstream is not None
     return route.upstream.port
 
@@ -201,11 +206,11 @@ def upstream_port(runtime: Runtime) -> int:
 def test_apply_swaps_policies_and_keeps_the_verifier_when_auth_is_unchanged(tmp_path):
     files = Files(tmp_path)
     runtime = files.runtime()
-    verifier, authorizer = runtime.verifier, runtime.authorizer
+    verifier, authorizer = runtime.state.verifier, runtime.state.authorizer
     files.write_config("http://127.0.0.1:1", "http://127.0.0.1:3")
-    report = runtime.apply(files.state())
+    report = runtime.apply(files.state(runtime.state))
     assert upstream_port(runtime) == 3
-    assert runtime.verifier is verifier and runtime.authorizer is authorizer
+    assert runtime.state.verifier is verifier and runtime.state.authorizer is authorizer
     assert not report.verifier_replaced and not report.authorizer_replaced
     assert (report.plugins, report.routes, report.restart_needed) == (1, 1, ())
 
@@ -213,13 +218,13 @@ def test_apply_swaps_policies_and_keeps_the_verifier_when_auth_is_unchanged(tmp_
 def test_apply_replaces_the_verifier_when_auth_config_changes_and_keeps_its_counts(tmp_path):
     files = Files(tmp_path)
     runtime = files.runtime()
-    old = runtime.verifier
+    old = runtime.state.verifier
     assert old is not None
     old.stats["verified_ok"] = 7
     files.write_config("http://127.0.0.1:9", "http://127.0.0.1:2")
-    report = runtime.apply(files.state())
-    assert report.verifier_replaced and runtime.verifier is not old
-    assert runtime.verifier is not None and runtime.verifier.settings.base_url == \
+    report = runtime.apply(files.state(runtime.state))
+    assert report.verifier_replaced and runtime.state.verifier is not old
+    assert runtime.state.verifier is not None and runtime.state.verifier.settings.base_url == \
         "http://127.0.0.1:9"
     assert runtime.retired_token_stats["verified_ok"] == 7
     assert report.authorizer_replaced  # the permission backend is found through baseUrl
@@ -230,7 +235,7 @@ def test_apply_reports_settings_that_need_a_restart(tmp_path):
     runtime = files.runtime()
     files.write_config("http://127.0.0.1:1", "http://127.0.0.1:2",
                        "stagedoor: {listen: '127.0.0.1:1234', admin: {listen: '127.0.0.1:0'}}")
-    report = runtime.apply(files.state())
+    report = runtime.apply(files.state(runtime.state))
     assert report.restart_needed == ("stagedoor.listen", "stagedoor.admin.listen")
 
 
@@ -251,7 +256,7 @@ def test_reloader_refuses_a_broken_edit_once_and_keeps_the_old_state(tmp_path, c
     files = Files(tmp_path)
     runtime = files.runtime()
     reloader = Reloader(runtime)
-    before = runtime.policies
+    before = runtime.state.policies
 
     async def scenario() -> list[bool | None]:
         results = [await reloader.reload("nothing changed")]
@@ -268,8 +273,8 @@ def test_reloader_refuses_a_broken_edit_once_and_keeps_the_old_state(tmp_path, c
     refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert len(refused) == 1
     assert f"{files.policy}:5: parameter 'id': invalid regex" in refused[0]
-    assert runtime.policies is not before
-    assert runtime.policies.plugins["unit"].routes[0].path == "/items/{id}"
+    assert runtime.state.policies is not before
+    assert runtime.state.policies.plugins["unit"].routes[0].path == "/items/{id}"
     assert reloader.stats == {"success": 1, "failure": 1}
 
 
@@ -277,9 +282,9 @@ def test_reloader_forced_reload_runs_even_without_a_change(tmp_path):
     files = Files(tmp_path)
     runtime = files.runtime()
     reloader = Reloader(runtime)
-    before = runtime.policies
+    before = runtime.state.policies
     assert asyncio.run(reloader.reload("SIGHUP", force=True)) is True
-    assert runtime.policies is not before
+    assert runtime.state.policies is not before
     assert reloader.last_success is not None
 
 
@@ -320,13 +325,29 @@ def test_watch_plan_covers_configmap_symlinks_and_ignores_neighbours(tmp_path):
 
 
 # -- metrics, access log, lifecycle, admin ---------------------------------------------------------
-def handled_flow(status: int = 200, **meta):
+def handled_record(state: State, denied_at: str | None = None, status: int = 403,
+                   **fields: object) -> FlowRecord:
+    """The record the gateway leaves on a flow it forwarded (or denied at ``denied_at``)."""
+    route = state.policies.plugins["unit"].routes[0]
+    context = Context("/things/a?token=x", "unit", route,
+                      Principal("user", "user:default/jane"), MappingProxyType({"id": "a"}))
+    decision: Decision
+    if denied_at is not None:
+        decision = Deny(context, ApiError(status, "refused"), denied_at)
+    else:
+        decision = Forward(context, Upstream("http", "127.0.0.1", 2, "/things/a"), 30.0)
+    record = FlowRecord("rid-1", "/api/unit/things/a?token=x", 0.0, state)
+    record.decided(decision)
+    for name, value in fields.items():
+        setattr(record, name, value)
+    return record
+
+
+def handled_flow(state: State, status: int = 200, denied_at: str | None = None,
+                 **fields: object):
     flow = tflow.tflow(resp=True)
     flow.response.status_code = status
-    flow.metadata[META] = {"request_id": "rid-1", "target": "/api/unit/things/a?token=x",
-                           "plugin": "unit", "route": "/things/{id}", "decision": "allow",
-                           "check": "allow", "principal": "user:default/jane",
-                           "principal_type": "user", **meta}
+    flow.metadata[META] = handled_record(state, denied_at, status, **fields)
     return flow
 
 
@@ -340,9 +361,10 @@ def scrape(metrics: Metrics) -> dict:
 
 def test_metrics_count_by_labels_and_cache_the_children(tmp_path):
     metrics = Metrics(Files(tmp_path).runtime())
+    state = metrics.runtime.state
     for _ in range(3):
-        metrics.response(handled_flow(200, forwarded_at=0.0))
-    metrics.response(handled_flow(403, decision="deny", check="principal"))
+        metrics.response(handled_flow(state, 200, forwarded_at=0.0))
+    metrics.response(handled_flow(state, 403, denied_at="principal"))
     samples = scrape(metrics)
     allow = (("check", "allow"), ("decision", "allow"), ("plugin", "unit"),
              ("route", "/things/{id}"), ("status", "200"))
@@ -357,14 +379,14 @@ def test_metrics_count_by_labels_and_cache_the_children(tmp_path):
 def test_metrics_registry_is_per_instance(tmp_path):
     runtime = Files(tmp_path).runtime()
     one, two = Metrics(runtime), Metrics(runtime)
-    one.response(handled_flow())
+    one.response(handled_flow(runtime.state))
     assert sum(v for (n, _), v in scrape(two).items() if n == "stagedoor_requests_total") == 0
 
 
 def test_token_counters_include_replaced_verifiers(tmp_path):
     runtime = Files(tmp_path).runtime()
-    assert runtime.verifier is not None
-    runtime.verifier.stats["verified_ok"] = 2
+    assert runtime.state.verifier is not None
+    runtime.state.verifier.stats["verified_ok"] = 2
     runtime.retired_token_stats["verified_ok"] = 5
     samples = scrape(Metrics(runtime))
     assert samples[("stagedoor_token_verifications_total", (("outcome", "ok"),))] == 7
@@ -373,17 +395,18 @@ def test_token_counters_include_replaced_verifiers(tmp_path):
 def test_upstream_error_is_counted_with_the_gateway_status(tmp_path):
     metrics = Metrics(Files(tmp_path).runtime())
     flow = tflow.tflow(err=True)
-    flow.metadata[META] = {"plugin": "unit", "route": "/x", "decision": "error",
-                           "check": "upstream", "status": 504}
+    record = handled_record(metrics.runtime.state, forwarded_at=0.0)
+    record.failed("upstream", 504)
+    flow.metadata[META] = record
     metrics.error(flow)
     samples = scrape(metrics)
     assert samples[("stagedoor_requests_total", (("check", "upstream"), ("decision", "error"),
-                                                 ("plugin", "unit"), ("route", "/x"),
+                                                 ("plugin", "unit"), ("route", "/things/{id}"),
                                                  ("status", "504")))] == 1
 
 
 def test_access_record_from_a_flow(tmp_path):
-    flow = handled_flow(upstream_status=200, forwarded_at=1.0)
+    flow = handled_flow(Files(tmp_path).runtime().state, upstream_status=200, forwarded_at=1.0)
     flow.request.timestamp_start = 99.5
     rec = access_record(flow, 200, KEYS, now=100.0, now_perf=1.25)
     assert rec["path"] == "/api/unit/things/a?token=[REDACTED]"
@@ -394,11 +417,11 @@ def test_access_record_from_a_flow(tmp_path):
 def test_access_log_writes_lines_and_survives_a_closed_stream(tmp_path):
     runtime = Files(tmp_path).runtime()
     out = io.StringIO()
-    AccessLog(runtime, out).response(handled_flow())
+    AccessLog(runtime, out).response(handled_flow(runtime.state))
     assert json.loads(out.getvalue())["request_id"] == "rid-1"
     out.close()
     broken = AccessLog(runtime, out)
-    broken.response(handled_flow())  # must not raise
+    broken.response(handled_flow(runtime.state))  # must not raise
     assert broken._broken
 
 

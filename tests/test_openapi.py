@@ -12,10 +12,11 @@ import pytest
 
 from stagedoor import cli
 from stagedoor.config import Config, load_config
+from stagedoor.decide import Answer, Deny
 from stagedoor.openapi import (
     SELF_PATH,
-    OpenApiEndpoint,
     PatternNotTranslatable,
+    ServedDocuments,
     build_document,
     ecma_pattern,
 )
@@ -272,16 +273,19 @@ def serving(enabled: bool) -> Config:
     return Config(data={"stagedoor": {"openapi": {"serve": enabled}}})
 
 
+def served(policies: PolicySet, config: Config) -> ServedDocuments:
+    return ServedDocuments.build(policies, config)
+
+
 def test_endpoint_is_off_by_default(tmp_path):
-    endpoint = OpenApiEndpoint()
-    assert endpoint.answer("GET", "/api/shop" + SELF_PATH, policy_set(tmp_path), Config()) is None
+    docs = served(policy_set(tmp_path), Config())
+    assert docs.answer("GET", "/api/shop" + SELF_PATH) is None
 
 
 def test_endpoint_answers_get_locally_with_the_plugins_document(tmp_path):
     policies = policy_set(tmp_path)
-    decision = OpenApiEndpoint().answer("GET", f"/api/shop{SELF_PATH}?x=1", policies,
-                                        serving(True))
-    assert decision is not None and decision.allowed and decision.local is not None
+    decision = served(policies, serving(True)).answer("GET", f"/api/shop{SELF_PATH}?x=1")
+    assert isinstance(decision, Answer)
     assert decision.principal is None  # no credentials were looked at
     assert decision.url == f"{SELF_PATH}?x=1"
     assert json.loads(decision.local.body) == build_document(policies, plugin_ids=["shop"],
@@ -289,29 +293,27 @@ def test_endpoint_answers_get_locally_with_the_plugins_document(tmp_path):
 
 
 def test_endpoint_refuses_other_methods_with_405(tmp_path):
-    decision = OpenApiEndpoint().answer("POST", "/api/shop" + SELF_PATH, policy_set(tmp_path),
-                                        serving(True))
-    assert decision is not None and not decision.allowed
-    assert decision.error is not None and decision.error.status == 405
+    decision = served(policy_set(tmp_path), serving(True)).answer("POST", "/api/shop" + SELF_PATH)
+    assert isinstance(decision, Deny) and decision.check == "method"
+    assert decision.error.status == 405
     assert ("Allow", "GET, HEAD") in decision.error.headers
 
 
 @pytest.mark.parametrize("target", ["/api/nope" + SELF_PATH, "/api/shop/x" + SELF_PATH,
                                     "/api/shop/health", "/api/shop/.stagedoor/openapi.json/x"])
 def test_endpoint_leaves_every_other_request_to_the_pipeline(tmp_path, target):
-    assert OpenApiEndpoint().answer("GET", target, policy_set(tmp_path), serving(True)) is None
+    assert served(policy_set(tmp_path), serving(True)).answer("GET", target) is None
 
 
-def test_endpoint_renders_once_per_policy_set(tmp_path):
-    endpoint = OpenApiEndpoint()
-    policies, config = policy_set(tmp_path), serving(True)
-    first = endpoint.answer("GET", "/api/shop" + SELF_PATH, policies, config)
-    second = endpoint.answer("GET", "/api/shop" + SELF_PATH, policies, config)
-    assert first is not None and second is not None
+def test_documents_are_rendered_once_per_load(tmp_path):
+    docs = served(policy_set(tmp_path), serving(True))
+    first = docs.answer("GET", "/api/shop" + SELF_PATH)
+    second = docs.answer("GET", "/api/shop" + SELF_PATH)
+    assert isinstance(first, Answer) and isinstance(second, Answer)
     assert first.local is second.local  # the same rendered bytes, not rebuilt per request
-    reloaded = policy_set(tmp_path, POLICY.replace("/gone", "/retired"))
-    third = endpoint.answer("GET", "/api/shop" + SELF_PATH, reloaded, config)
-    assert third is not None and b"/retired" in third.local.body
+    reloaded = served(policy_set(tmp_path, POLICY.replace("/gone", "/retired")), serving(True))
+    third = reloaded.answer("GET", "/api/shop" + SELF_PATH)
+    assert isinstance(third, Answer) and b"/retired" in third.local.body
 
 
 # -- the command -----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stagedoor.config import Config
-from stagedoor.decide import GatewayRequest, decide
+from stagedoor.decide import Answer, Deny, Forward, GatewayRequest, decide
 from stagedoor.devkeys import DevKey, mint_user_token
 from stagedoor.errors import (
     ERROR_NAMES,
@@ -123,11 +123,12 @@ def test_decide_invariants(method: str, target: str, authorization: tuple[str, .
     request = GatewayRequest(method, target, authorization)
     d = decide(request, POLICIES, VERIFIER)
     again = decide(request, POLICIES, VERIFIER)
-    assert (again.allowed, again.check, again.upstream, again.error) == \
-        (d.allowed, d.check, d.upstream, d.error)
+    assert again == d  # pure: the same request, the same decision (trace off on both)
+    assert d.trace == ()
+    assert isinstance(d, Deny | Answer | Forward)
+    assert d.allowed is not isinstance(d, Deny)
 
-    if not d.allowed:
-        assert d.upstream is None and d.local is None and d.error is not None
+    if isinstance(d, Deny):
         assert d.error.status in (400, 401, 403, 404, 405, 503), d.error
         status, body, headers = render_error(d.error, method, d.url)
         import json
@@ -142,15 +143,16 @@ def test_decide_invariants(method: str, target: str, authorization: tuple[str, .
         return
 
     route = d.route
-    assert route is not None and d.error is None
+    assert route is not None and d.check == "allow"
     path, _, query = target.partition("?")
     assert "#" not in target
     if not route.unauthenticated:
         assert d.principal is not None and d.principal.kind in route.auth
-    if d.local is not None:
-        assert d.upstream is None and route.respond is d.local
+    if isinstance(d, Answer):
+        assert route.respond is d.local and route.upstream is None
         return
-    assert d.upstream is not None and route.upstream is not None
+    assert isinstance(d, Forward) and route.upstream is not None
+    assert d.timeout == route.timeout
     # the template, filled with re-encoded values that pass their regexes
     for name, value in d.params.items():
         assert route.params[name].check(value) is None, (name, value)
@@ -176,7 +178,7 @@ def test_no_credentials_is_401_before_routing(method: str, target: str) -> None:
     if d.check in ("plugin", "path"):
         return  # decided before the barrier (unknown plugin, ambiguous path)
     if d.check == "barrier":
-        assert d.error is not None and d.error.status == 401
+        assert isinstance(d, Deny) and d.error.status == 401
         assert d.error.message == "Missing credentials"
         return
     # got past the barrier without a credential: only an unauthenticated path may do that

@@ -1,0 +1,50 @@
+"""``resolve(request, state) -> Decision``: the pure decision plus the I/O it asks for.
+
+:func:`~stagedoor.decide.decide` never touches the network; when it needs a key set
+(``KeysNeeded``) or a permission backend answer (``DelegationNeeded``) it says so. This is the
+one loop that does that I/O and decides again; the gateway, ``stagedoor explain`` and the
+tests all go through it. It reads only the request head (method, target, Authorization), so
+it can run as soon as the head is in, before any body is read.
+"""
+
+from __future__ import annotations
+
+from .decide import Decision, GatewayRequest, Verifier, decide, refuse
+from .errors import ApiError
+from .permissions import DelegationNeeded
+from .runtime import State
+from .tokens import MSG_SOURCE_UNAVAILABLE, KeysNeeded, extract_bearer
+
+#: Fetch-and-decide-again rounds before giving up with a 503 (a token names one key source,
+#: a route one permission: two rounds settle any request; a third covers a rotation race).
+MAX_ROUNDS = 3
+RETRY_AFTER = 5
+
+
+async def resolve(request: GatewayRequest, state: State, *, explain: bool = False,
+                  verifier: Verifier | None = None) -> Decision:
+    """The decision for ``request`` under ``state``, fetching what it needs on the way.
+
+    ``explain``: record every step in the decision's trace. ``verifier``: stand in for the
+    state's (``stagedoor explain --user``). Never raises for I/O: an unreachable key source is
+    a 503, an unreachable permission backend a deny.
+    """
+    # The generated OpenAPI document (stagedoor.openapi.serve): local, no credentials.
+    document = state.openapi.answer(request.method, request.target)
+    if document is not None:
+        return document
+    policies, authorizer = state.policies, state.authorizer
+    use = verifier if verifier is not None else state.verifier
+    for _ in range(MAX_ROUNDS):
+        try:
+            return decide(request, policies, use, authorizer, explain=explain)
+        except KeysNeeded as needed:
+            await state.verifier.refresh(needed.source)
+        except DelegationNeeded as needed:
+            # A stand-in verifier has no real token to show the permission backend.
+            token = None if verifier is not None else extract_bearer(list(request.authorization))
+            await authorizer.resolve(token, needed.permission)
+    return refuse(request.target, "barrier",
+                  ApiError(503, MSG_SOURCE_UNAVAILABLE,
+                           headers=(("Retry-After", str(RETRY_AFTER)),)),
+                  "credentials still unresolved after refetching")
