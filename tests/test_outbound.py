@@ -116,3 +116,26 @@ def test_read_capped_refuses_a_body_over_the_limit(server):
     assert asyncio.run(main(5000)) == server.body
     with pytest.raises(outbound.ResponseTooLarge):
         asyncio.run(main(4999))
+
+
+def test_key_set_fetches_share_the_pooled_connection(server):
+    from stagedoor.auth import AuthSettings, TokenVerifier
+    from stagedoor.config import Config
+
+    endpoints = [{"target": f"{server.url}/api/{{{{pluginId}}}}", "plugins": ["catalog", "search"]}]
+    settings = AuthSettings.from_config(Config(data={
+        "backend": {"baseUrl": server.url}, "discovery": {"endpoints": endpoints}}))
+    verifier = TokenVerifier(settings)
+
+    async def main() -> None:
+        try:
+            for source in verifier.sources:  # one after the other: each reuses the connection
+                await verifier.refresh(source)
+        finally:
+            await outbound.aclose()
+
+    asyncio.run(main())
+    assert sorted(server.paths) == ["/api/auth/.well-known/jwks.json",
+                                    "/api/catalog/.backstage/auth/v1/jwks.json",
+                                    "/api/search/.backstage/auth/v1/jwks.json"]
+    assert len(server.connections) == 1

@@ -1,4 +1,4 @@
-"""Credential verification (stagedoor.tokens) against real keys and a real JWKS server.
+"""Credential verification (stagedoor/auth/) against real keys and a real JWKS server.
 
 Keys are generated here (ES256, ES384, RS256, EdDSA, HS256 secrets); JWK sets are served by a
 small threaded HTTP server on 127.0.0.1 that can rotate keys, go down, be slow, answer garbage
@@ -27,7 +27,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from stagedoor import tokens
+from stagedoor.auth import verifier as verifier_module
 from stagedoor.config import Config, ConfigError, MissingConfigError, load_config
 from stagedoor.devkeys import (
     DevKey,
@@ -296,7 +296,7 @@ def test_oversized_token_is_illegal_token_without_parsing(make_verifier, monkeyp
     def no_parsing(token: str) -> None:
         raise AssertionError("an oversized token must not be parsed")
 
-    monkeypatch.setattr(tokens, "_parse_jwt", no_parsing)
+    monkeypatch.setattr(verifier_module, "peek", no_parsing)
     error = expect_failure(verifier, "a" * 600 + "." + "b" * 600 + ".c", "Illegal token")
     assert "longer than 1024 bytes" in error.reason
 
@@ -630,7 +630,7 @@ def test_static_token_is_compared_in_constant_time(make_verifier, monkeypatch):
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(tokens.hmac, "compare_digest", spy)
+    monkeypatch.setattr(hmac, "compare_digest", spy)
     authenticate(verifier, STATIC_TOKEN)
     digest = hashlib.sha256(STATIC_TOKEN.encode()).digest()
     assert calls == [(digest, digest)]
@@ -937,11 +937,12 @@ def test_injected_http_client_factory_is_used_for_fetches(server, clock, keys):
         requested.append(str(request.url))
         return httpx.Response(200, json=keys["user"].jwks())
 
-    verifier = TokenVerifier(
-        AuthSettings.from_config(config_for(server)), clock=clock,
-        http_client_factory=lambda: httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    verifier = TokenVerifier(AuthSettings.from_config(config_for(server)), clock=clock,
+                             http_client_factory=lambda: client)
     token = mint_user_token(keys["user"], issuer=issuer(server), now=clock.now)
     assert authenticate(verifier, token).kind == "user"
+    assert not client.is_closed  # the verifier uses the client it is given, never closes it
     assert requested == [f"{server.url}{AUTH_JWKS}"]
     assert sum(server.hits.values()) == 0
 
@@ -1011,7 +1012,7 @@ def test_discovery_base_urls_follow_backstage_rules(server):
 
 
 def test_logs_never_contain_tokens_or_signatures(make_verifier, server, clock, keys, caplog):
-    caplog.set_level(logging.DEBUG, logger="stagedoor.tokens")
+    caplog.set_level(logging.DEBUG, logger="stagedoor.auth")
     verifier = make_verifier(external=[static_entry(), legacy_entry()])
     good = mint_user_token(keys["user"], issuer=issuer(server), now=clock.now)
     presented = [
