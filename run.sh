@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 ROOT="$(pwd)"
 VENV="$ROOT/.venv"
-LOCK="requirements-test.lock"      # runtime + test extras + build backend, for .venv and CI
+LOCK="requirements-test.lock"      # runtime + test and bench extras + build backend, for .venv and CI
 RUNTIME_LOCK="requirements.lock"   # runtime + build backend, for the image
 UV_VERSION="0.13.9"                # the resolver ./run.sh lock uses (in .venv-lock)
 
@@ -93,7 +93,7 @@ lock() {
     build_backend="$("$tools/bin/python" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')"
     local compile=("$tools/bin/uv" pip compile --quiet --universal --python-version 3.12
                    --generate-hashes --custom-compile-command "./run.sh lock")
-    "${compile[@]}" pyproject.toml - --extra test -o "$LOCK" <<< "$build_backend"
+    "${compile[@]}" pyproject.toml - --extra test --extra bench -o "$LOCK" <<< "$build_backend"
     "${compile[@]}" pyproject.toml - -c "$LOCK" -o "$RUNTIME_LOCK" <<< "$build_backend"
     echo "run.sh: wrote $LOCK and $RUNTIME_LOCK; commit them with pyproject.toml" >&2
 }

@@ -120,10 +120,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if runtime is None:
         return 1
     _setup_logging(runtime.state.operations.log_level, runtime.state.operations.log_format)
+    from . import eventloop
+
     try:
         host, port = _listen_from(args, runtime)
         admin = _admin_address(args.admin)
-    except argparse.ArgumentTypeError as exc:
+        loop_setting = runtime.state.config.get_string(eventloop.CONFIG_KEY)
+        loop = eventloop.choose(loop_setting)  # uvloop where installed (stagedoor/eventloop.py)
+    except (argparse.ArgumentTypeError, eventloop.EventLoopError) as exc:
         return _fail(str(exc))
 
     def ready(addrs: list[tuple[str, int]]) -> None:
@@ -131,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("stagedoor listening on %s (%d plugin(s), %d route(s))", where,
                  len(runtime.state.policies.plugins), runtime.state.policies.route_count)
 
-    loop_factory = None
+    loop_factory = loop.factory
     if args.workers > 1 and args.worker_index is None:  # the supervisor (stagedoor/supervisor.py)
         from . import supervisor
 
@@ -149,7 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from . import supervisor
 
         supervisor.exit_with_parent()
-        loop_factory = supervisor.worker_loop_factory(port)
+        loop_factory = supervisor.worker_loop_factory(port, loop_setting)
         index, ready_fd = args.worker_index, args.ready_fd
 
         def ready(addrs: list[tuple[str, int]]) -> None:  # the supervisor says "listening"
@@ -157,6 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from addons.master import serve
 
+    log.info("stagedoor event loop: %s", loop.reason)
     asyncio.run(serve(runtime, host, port, on_ready=ready, admin=admin),
                 loop_factory=loop_factory)
     return 0

@@ -43,6 +43,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .eventloop import ReusePortSelectorLoop, choose
+
 log = logging.getLogger("stagedoor")
 
 BACKOFF_INITIAL = 0.5
@@ -55,23 +57,15 @@ STOP_MARGIN = 5.0
 
 
 # -- worker side -------------------------------------------------------------------------------
-class ReusePortEventLoop(asyncio.SelectorEventLoop):
-    """An event loop whose servers on ``port`` share it with other processes (SO_REUSEPORT)."""
-
-    def __init__(self, port: int) -> None:
-        super().__init__()
-        self.reuse_port = port
-
-    async def create_server(self, protocol_factory: Any, host: Any = None,  # type: ignore[override]
-                            port: Any = None, *args: Any, **kwargs: Any) -> asyncio.Server:
-        if port == self.reuse_port and self.reuse_port and kwargs.get("sock") is None:
-            kwargs["reuse_port"] = True
-        return await super().create_server(protocol_factory, host, port, *args, **kwargs)
+#: asyncio's selector loop with SO_REUSEPORT on the shared port (uvloop's twin: eventloop.py).
+ReusePortEventLoop = ReusePortSelectorLoop
 
 
-def worker_loop_factory(port: int) -> Callable[[], asyncio.AbstractEventLoop]:
-    """For ``asyncio.run(..., loop_factory=...)`` in a worker listening on ``port``."""
-    return lambda: ReusePortEventLoop(port)
+def worker_loop_factory(port: int, setting: str | None = None,
+                        ) -> Callable[[], asyncio.AbstractEventLoop]:
+    """For ``asyncio.run(..., loop_factory=...)`` in a worker listening on ``port``: the loop
+    ``stagedoor.eventLoop`` / ``STAGEDOOR_EVENT_LOOP`` picks (uvloop where installed)."""
+    return choose(setting, reuse_port=port).factory
 
 
 def announce_ready(ready_fd: int, index: int) -> None:
