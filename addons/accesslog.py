@@ -9,6 +9,7 @@ only reads it, so it must come after the gateway in the addon chain. Never logge
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -58,6 +59,14 @@ def access_record(flow: http.HTTPFlow, status: int, keys: frozenset[str],
     return fields
 
 
+#: Lines are written in batches, one write and one flush per batch instead of per line (a
+#: system call per request was ~4% of the proxy's CPU under load): a batch goes out at most this
+#: long after its first line, at MAX_BATCH lines, and at shutdown (the ``done`` hook). A process
+#: killed outright (SIGKILL) loses at most that last fraction of a second of lines.
+FLUSH_DELAY = 0.05
+MAX_BATCH = 256
+
+
 class AccessLog:
     """mitmproxy addon: writes the access log (``stagedoor.accessLog.enabled``, default on)."""
 
@@ -65,6 +74,11 @@ class AccessLog:
         self.runtime = runtime
         self.stream = stream
         self._broken = False
+        self._pending: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def done(self) -> None:
+        self.flush()
 
     def response(self, flow: http.HTTPFlow) -> None:
         assert flow.response is not None
@@ -86,10 +100,30 @@ class AccessLog:
             return
         fields = access_record(flow, status, state.settings.redacted_query_keys, time.time(),
                                time.perf_counter())
-        line = format_access_record(fields, state.operations.log_format)
+        self._pending.append(format_access_record(fields, state.operations.log_format))
+        if len(self._pending) >= MAX_BATCH:
+            self.flush()
+        elif self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # outside the proxy's loop (tools, tests): write it now
+                self.flush()
+                return
+            self._timer = loop.call_later(FLUSH_DELAY, self.flush)
+
+    def flush(self) -> None:
+        """Write the lines not written yet (one write, one flush)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._pending or self._broken:
+            self._pending.clear()
+            return
+        text = "\n".join(self._pending) + "\n"
+        self._pending.clear()
         stream = self.stream or sys.stdout
         try:
-            stream.write(line + "\n")
+            stream.write(text)
             stream.flush()
         except (OSError, ValueError) as exc:  # stdout closed: keep serving, say so once
             self._broken = True

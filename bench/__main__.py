@@ -15,6 +15,7 @@ import resource
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,15 +23,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import load, report
-from .procs import cpu_scaling, rss_kib, system_cpu_seconds, tree_cpu_seconds, which
+from . import breakdown, chart, load, profile, report
+from .procs import (
+    cpu_scaling,
+    rss_kib,
+    system_cpu_seconds,
+    tree_cpu_seconds,
+    tree_rss_kib,
+    which,
+)
 from .targets import ROOT, Bench, Target
 
 RESULTS = ROOT / "bench" / "results" / "latest.json"
 HISTORY = ROOT / "bench" / "results" / "history.jsonl"  # the last few full runs, for the docs
 HISTORY_KEEP = 5
 DOCS = ROOT / "docs" / "performance.md"
-ALL = ("direct", "nginx", "mitmdump", "full", "routes10k", "workers2")
+CHART = ROOT / "docs" / "performance-chart.svg"
+FLAME = ROOT / "docs" / "profile-full.svg"
+ALL = report.ORDER
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,6 +73,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"JSON (default {RESULTS})")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work dir (configs, logs, access logs) after a good run")
+    parser.add_argument("--profile", action="store_true",
+                        help="also record a py-spy sampling profile of the full-policy proxy "
+                             "under load (--duration seconds, after the measurements): a flame "
+                             f"graph in {FLAME.relative_to(ROOT)} and the top costs in the report")
+    parser.add_argument("--breakdown-requests", type=int, default=3000, metavar="N",
+                        help="in-process breakdown of stagedoor's own cost per piece: N "
+                             "requests through the hooks (0 skips it; default 3000)")
+    parser.add_argument("--conditions", default="", metavar="TEXT",
+                        help="what else ran on the machine during the run, printed next to the "
+                             "figures (e.g. 'seven test suites running')")
     parser.add_argument("--report-only", action="store_true",
                         help="measure nothing: print and re-render docs/performance.md from the "
                              "JSON of the last run (and the history of full runs)")
@@ -71,6 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.duration, args.warmup = min(args.duration, 2.0), min(args.warmup, 1.0)
         if args.memory == parser.get_default("memory"):
             args.memory = "2000,10000,20000"
+        args.breakdown_requests = min(args.breakdown_requests, 500)
     if args.docs is None:
         args.docs = not args.quick
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -92,7 +113,8 @@ def say(text: str) -> None:
 
 def measure(bench: Bench, target: Target, args: argparse.Namespace) -> dict[str, Any]:
     """One measurement, with where the CPU went meanwhile (in cores: 1.0 = one busy core)."""
-    spec = load.Load(target.url, bench.headers, args.connections, args.threads)
+    spec = load.Load(target.url, bench.headers + target.headers, args.connections,
+                     args.threads, target.method, target.body)
     if args.warmup > 0:
         load.run(spec, args.warmup, force_builtin=args.builtin_load)
     proxy0 = tree_cpu_seconds(target.pid) if target.pid else 0.0
@@ -127,8 +149,10 @@ def _children_cpu() -> float:
 def memory_phase(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     """A fresh 1-worker stagedoor; RSS after each requested count (chunks of new connections)."""
     target = bench.stagedoor("memory", "stagedoor (memory phase)")
-    bench.preflight(target)
     assert target.pid is not None
+    at_start = rss_kib(target.pid)  # listening, policies loaded, no request yet
+    say(f"  memory: RSS at start {at_start / 1024:.1f} MiB")
+    bench.preflight(target)
     spec = load.Load(target.url, bench.headers, args.connections, args.threads)
     points = []
     served = 1  # the preflight
@@ -147,7 +171,7 @@ def memory_phase(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         points.append({"requests": served, "rss_kib": rss_kib(target.pid)})
         say(f"  memory: {served:,} requests, RSS {points[-1]['rss_kib'] / 1024:.1f} MiB")
     bench.stop(target)
-    return {"points": points}
+    return {"start_kib": at_start, "points": points}
 
 
 def report_only(args: argparse.Namespace) -> int:
@@ -158,9 +182,65 @@ def report_only(args: argparse.Namespace) -> int:
     print(report.table(run))
     print(report.verdict_lines(report.verdicts(run)))
     if args.docs:
-        DOCS.write_text(report.render_markdown(run, history))
+        write_docs(run, history)
         say(f"wrote {DOCS} from {args.output}")
     return 0
+
+
+def write_docs(run: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    """docs/performance.md and its chart (the flame graph is written when it is recorded)."""
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
+    CHART.write_text(chart.chart_svg(run, report.ORDER))
+    DOCS.write_text(report.render_markdown(run, history))
+
+
+def make_target(bench: Bench, name: str) -> Target | None:
+    """The process (or address) one scenario puts under load; None: not available here."""
+    if name == "direct":
+        return bench.direct()
+    if name == "nginx":
+        return bench.nginx_proxy()
+    if name == "mitmdump":
+        return bench.mitmdump()
+    if name == "floor":
+        return bench.floor()
+    label = report.LABELS[name]
+    if name == "full":
+        return bench.stagedoor("full", label, admin=True)
+    if name == "asyncio":
+        return bench.stagedoor("asyncio", label, loop="asyncio")
+    if name == "routes10k":
+        return bench.stagedoor("routes10k", label, routes=10_000)
+    if name == "workers2":
+        return bench.stagedoor("workers2", label, workers=2)
+    raise ValueError(name)
+
+
+def profile_full(bench: Bench, target: Target, args: argparse.Namespace) -> dict[str, Any]:
+    """py-spy on the full-policy proxy while the load runs; the flame graph into docs/."""
+    raw = bench.workdir / "profile-full.txt"
+    spec = load.Load(target.url, bench.headers, args.connections, args.threads)
+    load.run(spec, min(args.warmup, 2.0) or 1.0, force_builtin=args.builtin_load)
+    assert target.pid is not None
+    flame = FLAME if args.docs else args.output.parent / FLAME.name  # quick runs: not docs/
+    spy = profile.record(target.pid, args.duration, raw)
+    result = load.run(spec, args.duration, force_builtin=args.builtin_load)
+    try:
+        _, err = spy.communicate(timeout=args.duration + 60)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        _, err = spy.communicate()
+    if spy.returncode != 0 or not raw.exists():
+        raise RuntimeError(f"py-spy failed ({spy.returncode}): {err.decode(errors='replace')}")
+    stacks = profile.parse_collapsed(raw.read_text())
+    summary = profile.summarize(stacks)
+    title = (f"stagedoor, full policy, under load ({result.rps:,.0f} req/s while sampled; "
+             f"py-spy, {args.duration:g}s)")
+    flame.parent.mkdir(parents=True, exist_ok=True)
+    flame.write_text(profile.flamegraph_svg(stacks, title))
+    say(f"  profile: {summary['samples']:,} samples, flame graph in {flame}")
+    return {**summary, "rps_while_sampled": round(result.rps, 1), "seconds": args.duration,
+            "flamegraph": str(flame)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                      "memory": args.memory_points,
                      "argv": shlex.join(sys.argv[1:] if argv is None else argv)},
         "machine": report.machine_info(bench.nginx, wrk),
+        "conditions": args.conditions,
         "load_average": {"before": " ".join(f"{x:.2f}" for x in os.getloadavg())},
         "scenarios": {},
         "skipped": {},
@@ -194,27 +275,14 @@ def main(argv: list[str] | None = None) -> int:
         run["upstream"] = bench.upstream_kind
         targets: list[Target] = []
         for name in args.only:
-            target: Target | None
-            if name == "direct":
-                target = bench.direct()
-            elif name == "nginx":
-                target = bench.nginx_proxy()
-                if target is None:
-                    run["skipped"]["nginx"] = ("nginx is not installed (apt-get install -y "
-                                               "nginx)" if not args.no_nginx else "--no-nginx")
-                    continue
-            elif name == "mitmdump":
-                target = bench.mitmdump()
-            elif name == "full":
-                target = bench.stagedoor("full", "stagedoor, full policy (1 worker)",
-                                         admin=True)
-            elif name == "routes10k":
-                target = bench.stagedoor("routes10k", "stagedoor, 10,000 routes (1 worker)",
-                                         routes=10_000)
-            else:
-                target = bench.stagedoor("workers2", "stagedoor, full policy, --workers 2",
-                                         workers=2)
+            target = make_target(bench, name)
+            if target is None:
+                run["skipped"][name] = ("nginx is not installed (apt-get install -y nginx)"
+                                        if not args.no_nginx else "--no-nginx")
+                continue
             bench.preflight(target)
+            if target.pid:
+                run.setdefault("rss_start_kib", {})[name] = tree_rss_kib(target.pid)
             targets.append(target)
         rounds: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
         for number in range(1, args.rounds + 1):
@@ -232,11 +300,25 @@ def main(argv: list[str] | None = None) -> int:
                                              **report.summarize(rounds[target.name])}
         if "full" in rounds:  # evidence that the verified-token cache carries the load
             run["token_verifications"] = bench.token_verifications("full")
+        if args.profile:
+            full = next((t for t in targets if t.name == "full"), None)
+            if full is None:
+                full = make_target(bench, "full")
+                assert full is not None
+                bench.preflight(full)
+            say("profile: py-spy on the full-policy proxy under load ...")
+            run["profile"] = profile_full(bench, full, args)
+        for target in targets:  # what follows runs alone
+            bench.stop(target)
+        if args.breakdown_requests > 0:
+            say(f"breakdown: {args.breakdown_requests:,} requests through the hooks, in process")
+            run["breakdown"] = breakdown.measure(
+                bench.config_file("breakdown"), ROOT / "policies", bench.token,
+                bench.workdir / "breakdown.access.log", args.breakdown_requests)
+            say(breakdown.text(run["breakdown"]))
         run["cpu_scaling"]["after"] = cpu_scaling(sys.executable)
         say(f"CPU scaling probe after the load runs: {run['cpu_scaling']['after']:.2f}x")
         if not args.no_memory and args.memory_points:
-            for target in targets:  # the memory phase runs alone
-                bench.stop(target)
             say("memory phase ...")
             run["memory"] = memory_phase(bench, args)
     except BaseException:
@@ -262,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     if run.get("memory"):
         print("memory (stagedoor, 1 worker):")
         print(report.memory_lines(run))
+    if run.get("breakdown"):
+        print("stagedoor's own cost per request, in process (CPU µs):")
+        print(breakdown.text(run["breakdown"]))
     print("targets:")
     print(report.verdict_lines(report.verdicts(run)))
 
@@ -275,9 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         history = [*history, report.history_entry(run)][-HISTORY_KEEP:]
         HISTORY.write_text("".join(json.dumps(h) + "\n" for h in history))
     if args.docs:
-        DOCS.parent.mkdir(parents=True, exist_ok=True)
-        DOCS.write_text(report.render_markdown(run, history))
-        say(f"wrote {DOCS}")
+        write_docs(run, history)
+        say(f"wrote {DOCS} and {CHART}")
     else:
         say("docs/performance.md left as it is (--quick or --no-docs)")
     return 0

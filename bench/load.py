@@ -11,8 +11,10 @@ import asyncio
 import math
 import re
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from .http1 import split_message
@@ -40,6 +42,16 @@ class Load:
     headers: tuple[tuple[str, str], ...]
     connections: int = 16
     threads: int = 1
+    method: str = "GET"
+    body: bytes = b""
+
+
+def wrk_script(load: Load) -> str:
+    """The Lua that makes wrk send ``load.method`` with ``load.body`` (every request alike)."""
+    def lua(text: str) -> str:
+        return '"' + "".join(c if c.isalnum() or c in " -_./:{},[]'" else f"\\{ord(c):03d}"
+                             for c in text) + '"'
+    return f"wrk.method = {lua(load.method)}\nwrk.body = {lua(load.body.decode('latin-1'))}\n"
 
 
 # -- wrk ---------------------------------------------------------------------------------------
@@ -79,9 +91,14 @@ def run_wrk(load: Load, duration: float) -> LoadResult:
             "--latency", "--timeout", "5s"]
     for name, value in load.headers:
         args += ["-H", f"{name}: {value}"]
-    args.append(load.url)
-    done = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60,
-                          check=False)
+    with tempfile.TemporaryDirectory(prefix="stagedoor-wrk-") as tmp:
+        if load.method != "GET" or load.body:
+            script = Path(tmp) / "request.lua"
+            script.write_text(wrk_script(load))
+            args += ["-s", str(script)]
+        args.append(load.url)
+        done = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60,
+                              check=False)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
     return parse_wrk(done.stdout)
@@ -157,9 +174,11 @@ class _State:
 async def _generate(load: Load, duration: float, requests: int) -> LoadResult:
     parts = urlsplit(load.url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    lines = [f"GET {parts.path or '/'}{'?' + parts.query if parts.query else ''} HTTP/1.1",
-             f"Host: {parts.netloc}"] + [f"{k}: {v}" for k, v in load.headers]
-    request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    lines = [f"{load.method} {parts.path or '/'}{'?' + parts.query if parts.query else ''} "
+             f"HTTP/1.1", f"Host: {parts.netloc}"] + [f"{k}: {v}" for k, v in load.headers]
+    if load.body or load.method not in ("GET", "HEAD"):
+        lines.append(f"Content-Length: {len(load.body)}")
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + load.body
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
     state = _State(started + duration, requests)

@@ -60,6 +60,15 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def tree_rss_kib(pid: int) -> int:
+    """Resident set size of ``pid`` and its direct children (a supervisor's workers), KiB."""
+    total = 0
+    for each in (pid, *children_of(pid)):
+        with contextlib.suppress(OSError, RuntimeError):
+            total += rss_kib(each)
+    return total
+
+
 _TICK = os.sysconf("SC_CLK_TCK")
 
 

@@ -26,6 +26,7 @@ UPSTREAM_PATH = "/v1/services/payments-api"  # what the insights policy forwards
 SERVICE = {"id": "payments-api", "owner": "group:default/payments", "tier": 1, "score": 92,
            "checks": {"docs": "pass", "oncall": "pass", "slo": "warn"}}
 _LISTENING = re.compile(r"stagedoor listening on http://([\d.]+):(\d+)")
+_FLOOR = re.compile(r"floor listening on http://([\d.]+):(\d+)")
 _ADMIN = re.compile(r"stagedoor admin listening on http://([\d.]+):(\d+)")
 _TOKEN_METRIC = re.compile(
     r'^stagedoor_token_verifications_total\{outcome="([a-z_]+)"\} ([0-9.e+]+)$', re.MULTILINE)
@@ -40,6 +41,9 @@ class Target:
     label: str
     url: str
     pid: int | None = None
+    method: str = "GET"
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()  # sent besides the bench's token
 
 
 def generated_policy(routes: int) -> str:
@@ -195,10 +199,10 @@ class Bench:
         return Target("mitmdump", "stock mitmdump --mode reverse -q",
                       f"http://127.0.0.1:{port}{REQUEST_PATH}", proc.pid)
 
-    def stagedoor(self, name: str, label: str, *, routes: int = 0, workers: int = 1,
-                  admin: bool = False) -> Target:
-        """A ``stagedoor run`` with the shipped policy (or ``routes`` generated ones)."""
-        config = self.workdir / "app-config.yaml"
+    def config_file(self, name: str, extra_config: str = "") -> Path:
+        """The app-config of one stagedoor scenario: upstream and JWKS on the bench's upstream;
+        ``extra_config`` is YAML added under ``stagedoor:``."""
+        config = self.workdir / f"app-config-{name}.yaml"
         config.write_text(f"""\
 backend:
   baseUrl: {self.upstream_url}
@@ -206,12 +210,29 @@ insights:
   externalApiUrl: {self.upstream_url}
 stagedoor:
   listen: 127.0.0.1:0
-""")
+{extra_config}""")
+        return config
+
+    def floor(self) -> Target:
+        """The lean master with no stagedoor addons, forwarding only (bench/floor.py)."""
+        proc = self.procs.start("floor", [self.python, "-m", "bench.floor", "--upstream",
+                                          self.upstream_url], env=self._env())
+        match = wait_for_line(self.procs.log("floor"), _FLOOR, START_TIMEOUT, proc)
+        return Target("floor", "floor: lean mitmproxy master, no stagedoor addons",
+                      f"http://{match.group(1)}:{match.group(2)}{REQUEST_PATH}", proc.pid)
+
+    def stagedoor(self, name: str, label: str, *, routes: int = 0, workers: int = 1,
+                  admin: bool = False, loop: str | None = None, extra_config: str = "",
+                  policies: Path | None = None) -> Target:
+        """A ``stagedoor run`` with the shipped policy (or ``routes`` generated ones, or the
+        policy directory ``policies``); ``loop`` forces the event loop; ``extra_config`` is
+        YAML added under ``stagedoor:``."""
+        config = self.config_file(name, extra_config)
         if routes:
             policies = self.workdir / f"policies-{routes}"
             policies.mkdir(exist_ok=True)
             (policies / "insights.yaml").write_text(generated_policy(routes))
-        else:
+        elif policies is None:
             policies = ROOT / "policies"
         args = [self.python, "-m", "stagedoor.cli", "run", "--config", str(config),
                 "--policies", str(policies), "--listen", "127.0.0.1:0",
@@ -220,7 +241,10 @@ stagedoor:
             args += ["--workers", str(workers)]
         access_log = self.workdir / f"{name}.access.log"
         self.access_logs.append(access_log)
-        proc = self.procs.start(name, args, env=self._env(), stdout=access_log)
+        env = self._env()
+        if loop:
+            env["STAGEDOOR_EVENT_LOOP"] = loop
+        proc = self.procs.start(name, args, env=env, stdout=access_log)
         match = wait_for_line(self.procs.log(name), _LISTENING, START_TIMEOUT, proc)
         if admin:
             found = wait_for_line(self.procs.log(name), _ADMIN, START_TIMEOUT, proc)
@@ -244,7 +268,7 @@ stagedoor:
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("INSIGHTS_", "BACKSTAGE_", "PYTHON"))}
+               if not k.startswith(("INSIGHTS_", "BACKSTAGE_", "PYTHON", "STAGEDOOR_"))}
         env["PYTHONPATH"] = str(ROOT)
         return env
 
