@@ -23,7 +23,7 @@ Stack = tuple[str, ...]
 
 #: Where a frame's code lives, first match wins: (category, path fragments).
 CATEGORIES = (
-    ("stagedoor", ("/stagedoor/", "/addons/", "/bench/floor")),
+    ("stagedoor", ("/stagedoor/", "/addons/")),
     ("mitmproxy", ("/mitmproxy/",)),
     ("h11", ("/h11/",)),
     ("event loop", ("/asyncio/", "uvloop", "/selectors.py")),
@@ -70,9 +70,15 @@ def frame_parts(frame: str) -> tuple[str, str]:
     return name, where.rstrip(")")
 
 
+#: Frames that start the process and stay on every stack: not per-request work of anyone.
+ENTRY = ("/stagedoor/cli.py", "/bench/floor.py", "<frozen runpy>")
+
+
 def category(frame: str) -> str:
     _, where = frame_parts(frame)
     where = "/" + where.replace("\\", "/")
+    if where.endswith(ENTRY):
+        return "python"
     for name, fragments in CATEGORIES:
         if any(f in where for f in fragments):
             return name

@@ -101,40 +101,132 @@ def test_summarize_takes_medians_of_rounds():
 
 
 def test_verdicts_when_every_target_is_met():
-    run = _run(direct=80000, nginx=30000, mitmdump=800, full=1400, routes10k=1380,
-               workers2=2400)
+    run = _run(direct=80000, nginx=30000, mitmdump=800, floor=2200, full=2000, routes10k=1980,
+               workers2=3400)
     verdicts = report.verdicts(run)
-    assert [v.met for v in verdicts] == [True, True, True, True]
-    assert run["ratios"]["full_vs_mitmdump"] == pytest.approx(1.75)
+    assert [v.met for v in verdicts] == [True] * 6, [(v.name, v.detail) for v in verdicts]
+    assert run["ratios"]["full_vs_mitmdump"] == pytest.approx(2.5)
+    assert run["ratios"]["cpu_full_vs_mitmdump"] == pytest.approx(0.4)
+    assert run["ratios"]["full_vs_floor"] == pytest.approx(0.909, abs=0.001)
 
 
 def test_verdicts_say_by_how_much_a_target_is_missed():
-    run = _run(mitmdump=1000, full=1500, routes10k=1200, workers2=2100)
-    by_name = {v.name.split()[0]: v for v in report.verdicts(run)}
-    assert by_name["full"].met is False and "missed by 6%" in by_name["full"].detail
-    assert by_name["10,000"].met is False
-    assert by_name["--workers"].met is False
+    run = _run(mitmdump=1000, floor=2000, full=1500, routes10k=1200, workers2=2100)
+    by_name = {v.name.split(",")[0]: v for v in report.verdicts(run)}
+    assert by_name["full policy vs stock mitmdump"].met is False
+    assert "missed by 32%" in by_name["full policy vs stock mitmdump"].detail
+    cpu = by_name["CPU per request"]
+    assert cpu.met is False and "0.67x" in cpu.measured and "needs 1.48x less" in cpu.detail
+    assert by_name["full policy vs the floor (no stagedoor addons)"].met is False
+    assert by_name["10"].met is False
+    assert by_name["--workers 2 vs --workers 1"].met is False
+    assert "CPU scaling probe 1.50x / 1.80x" in by_name["--workers 2 vs --workers 1"].measured
 
 
 def test_unmeasured_targets_are_not_counted_as_met_or_missed():
     run = _run(full=1400)
     run["memory"] = None
     verdicts = report.verdicts(run)
-    assert [v.met for v in verdicts] == [None, None, None, None]
+    assert [v.met for v in verdicts] == [None] * 6
+
+
+def test_a_feature_scenario_is_judged_against_the_same_request_without_it(monkeypatch):
+    monkeypatch.setattr(report, "COST_SCENARIOS", {"limited": ("full", "policy rate limit")})
+    run = _run(mitmdump=800, full=2000, limited=1920)
+    verdict = next(v for v in report.verdicts(run) if v.name.startswith("policy rate limit"))
+    assert verdict.met is True and "+4.0%" in verdict.measured
+    run = _run(mitmdump=800, full=2000, limited=1880)
+    verdict = next(v for v in report.verdicts(run) if v.name.startswith("policy rate limit"))
+    assert verdict.met is False and "1.0 points over" in verdict.detail
+    run = _run(mitmdump=800, full=2000)
+    verdict = next(v for v in report.verdicts(run) if v.name.startswith("policy rate limit"))
+    assert verdict.met is None
 
 
 def test_table_and_markdown_name_every_scenario_and_target():
-    run = _run(direct=80000, nginx=30000, mitmdump=800, full=1400, routes10k=1380,
-               workers2=2100)
+    run = _run(direct=80000, nginx=30000, mitmdump=800, floor=2200, full=1400,
+               routes10k=1380, workers2=2100)
+    run["memory"]["start_kib"] = 80 * 1024
+    run["rss_start_kib"] = {"full": 85 * 1024, "floor": 70 * 1024}
+    run["conditions"] = "seven test suites running"
+    old = {"date": "2026-11-25 16:01 UTC", "quick": False, "load_before": 0.85,
+           "rps": {"full": 1326.9}, "ratios": {"full_vs_mitmdump": 1.72},
+           "met": [True, True, False, True]}
     text = report.table(run)
-    assert "1.75x" in text and "workers2" in text
-    markdown = report.render_markdown(run, [report.history_entry(run)])
+    assert "1.75x" in text and "floor" in text
+    markdown = report.render_markdown(run, [old, report.history_entry(run)])
     for needle in ("Test CPU (2 cores)", "mitmproxy | 12.3.1", "2026-11-25 12:00 UTC",
-                   "| 1,400 |", "**missed**", "3 of 4 met", "90.0", "95.0",
-                   "Recent full runs", "| 2026-11-25 12:00 UTC | 0.10 | 1,400 | 1.75 |",
+                   "| 1,400 |", "**missed**", "2 of 6 met", "90.0", "95.0",
+                   "| 0 (at start, listening) | 80.0 |", "| floor | 70.0 |",
+                   "**Conditions of this run.** seven test suites running",
+                   "Recent full runs", "| 2026-11-25 16:01 UTC | 0.85 | - | 1,327 | 1.72 | - |",
+                   "| 2026-11-25 12:00 UTC | 0.10 | 1.50x / 1.80x | 1,400 | 1.75 | 0.64 |",
                    "one worker used 0.98 cores at 700 µs of CPU per request", "| 0.98 | 700 |",
-                   "1.50x / 1.80x"):
+                   "1.50x / 1.80x", "performance-chart.svg", "--workers N` or N replicas",
+                   "Not recorded in this run"):
         assert needle in markdown, needle
+
+
+def test_chart_is_svg_with_a_bar_per_scenario_and_cuts_the_far_ones():
+    from xml.etree import ElementTree
+
+    from bench.chart import chart_svg
+
+    run = _run(direct=80000, mitmdump=800, floor=2200, full=2000)
+    svg = chart_svg(run, report.ORDER)
+    root = ElementTree.fromstring(svg)
+    rects = [e for e in root.iter("{http://www.w3.org/2000/svg}rect")]
+    assert len(rects) == 1 + 2 * 4  # background + req/s and p99 per scenario
+    assert "80,000 (off the scale)" in svg and "2,000" in svg
+
+
+COLLAPSED = """\
+<module> (/x/stagedoor/cli.py);run (/usr/lib/python3.12/asyncio/runners.py);\
+request (/x/addons/gateway.py);decide (/x/stagedoor/decide.py) 30
+<module> (/x/stagedoor/cli.py);run (/usr/lib/python3.12/asyncio/runners.py);\
+write (/usr/lib/python3.12/asyncio/streams.py) 50
+<module> (/x/stagedoor/cli.py);run (/usr/lib/python3.12/asyncio/runners.py);\
+_handle_event (/v/site-packages/mitmproxy/proxy/layers/http/__init__.py) 20
+"""
+
+
+def test_profile_summary_and_flame_graph_from_collapsed_stacks():
+    from xml.etree import ElementTree
+
+    from bench import profile
+
+    stacks = profile.parse_collapsed(COLLAPSED)
+    assert len(stacks) == 3 and stacks[0][1] == 30
+    summary = profile.summarize(stacks)
+    assert summary["samples"] == 100
+    top = summary["top_self"][0]
+    assert top["function"] == "write (asyncio/streams.py)" and top["self_pct"] == 50.0
+    assert summary["by_category_pct"] == {"event loop": 50.0, "stagedoor": 30.0,
+                                          "mitmproxy": 20.0}
+    assert summary["stagedoor_inclusive_pct"] == 30.0  # the entry point does not count
+    assert profile.short_frame("_handle_event (/v/site-packages/mitmproxy/proxy/x.py)") \
+        == "_handle_event (mitmproxy/proxy/x.py)"
+    svg = profile.flamegraph_svg(stacks, "test")
+    ElementTree.fromstring(svg)
+    assert "decide (stagedoor/decide.py): 30 samples (30.0%)" in svg
+
+
+def test_breakdown_attribution_and_wrk_script():
+    from bench.breakdown import attribute
+
+    gap = attribute({"total_us": 150.0}, full_us=700.0, floor_us=500.0)
+    assert gap == {"gap_us": 200.0, "explained_us": 150.0, "unexplained_us": 50.0}
+    assert attribute({"total_us": 150.0}, None, 500.0)["gap_us"] is None
+    script = load.wrk_script(load.Load("http://127.0.0.1:1/x", (), method="POST",
+                                       body=b'{"a": "b"}'))
+    assert script == 'wrk.method = "POST"\nwrk.body = "{\\034a\\034: \\034b\\034}"\n'
+
+
+def test_the_floor_only_forwards_to_loopback():
+    from bench import floor
+
+    with pytest.raises(SystemExit):
+        floor.main(["--upstream", "http://10.0.0.1:80"])
 
 
 def test_generated_policy_has_the_requested_number_of_valid_routes(tmp_path: Path):
