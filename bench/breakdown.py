@@ -157,7 +157,8 @@ async def _measure(runtime: Any, token: str, access_log: Path, requests: int,
 
     # The pieces on their own (medians of single calls).
     greq = GatewayRequest("GET", REQUEST_PATH, (f"Bearer {token}",))
-    policies, verifier, authorizer = runtime.policies, runtime.verifier, runtime.authorizer
+    state = runtime.state
+    policies, verifier, authorizer = state.policies, state.verifier, state.authorizer
     decide_us = _median_ns(lambda: decide(greq, policies, verifier, authorizer), done)
     token_us = _median_ns(lambda: verifier.verify(token, "insights"), done)
     head = (f"GET {REQUEST_PATH} HTTP/1.1\r\nHost: 127.0.0.1:7007\r\n"
@@ -167,7 +168,7 @@ async def _measure(runtime: Any, token: str, access_log: Path, requests: int,
     def limits_check() -> None:
         buf = ReceiveBuffer()
         buf += head
-        mitm_internals._head_problem(buf, mitm_internals._limits())
+        mitm_internals._head_problem(buf, state.limits)
     buf_us = _median_ns(lambda: ReceiveBuffer().__iadd__(head), done)
     limits_us = max(0.0, _median_ns(limits_check, done) - buf_us)
 

@@ -35,7 +35,7 @@ def test_lines_are_batched_on_the_loop_and_written_in_order(tmp_path):
 
     async def main() -> tuple[int, int]:
         for i in range(5):
-            log.response(handled_flow(request_id=f"r{i}"))
+            log.response(handled_flow(runtime.state, request_id=f"r{i}"))
         before = out.writes  # all five pending, one timer armed
         await asyncio.sleep(accesslog.FLUSH_DELAY * 4)  # the timer fires
         return before, out.writes
@@ -52,7 +52,7 @@ def test_a_full_batch_is_written_at_once_and_done_writes_the_rest(tmp_path):
 
     async def main() -> int:
         for i in range(accesslog.MAX_BATCH + 3):
-            log.response(handled_flow(request_id=f"r{i}"))
+            log.response(handled_flow(runtime.state, request_id=f"r{i}"))
         written = out.writes
         log.done()  # mitmproxy's shutdown hook
         return written
