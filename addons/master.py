@@ -2,7 +2,7 @@
 
 ``DumpMaster`` loads ~35 addons and dispatches every hook to each of them; a reverse proxy needs
 five (core, proxy server, next layer, TLS config, error check). The lean master loads only those
-plus ours, which roughly doubles throughput (MITMPROXY-NOTES.md).
+plus ours, which roughly doubles throughput (docs/mitmproxy.md).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 1. **Error pages.** When an upstream refuses, resets or times out, mitmproxy writes an HTML 502
    from ``mitmproxy.proxy.layers.http._http1.make_error_response`` (it also renders the 400 for a
    malformed request line); a ``flow.response`` set in the ``error`` hook is ignored. We replace
-   that function with one that writes SPEC.md's JSON error body. The ``error`` hook registers the
+   that function with one that writes our JSON error body. The ``error`` hook registers the
    body it wants (method, url, status 502/504) keyed by the identity of the error message object,
    which is the very object mitmproxy passes on to ``make_error_response`` right after the hook.
 2. **Upstream timeouts.** mitmproxy awaits a slow upstream forever and ``flow.kill()`` does not

@@ -1,6 +1,6 @@
 """Backstage-style app-config: layered YAML files with ``${VAR}`` substitution.
 
-Semantics (see SPEC.md, "Config"):
+Semantics (see docs/behaviour.md, "Config"):
 
 - Files are read in order; a later file overrides an earlier one key by key (mappings merge,
   everything else is replaced).

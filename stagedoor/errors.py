@@ -1,4 +1,4 @@
-"""Backstage-shaped error bodies and the response headers stagedoor adds (SPEC.md)."""
+"""Backstage-shaped error bodies and the response headers stagedoor adds (docs/behaviour.md)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ ERROR_NAMES: dict[int, str] = {
     504: "GatewayTimeoutError",
 }
 
-# What Backstage's helmet middleware adds to every response (SPEC.md, "Response headers").
+# What Backstage's helmet middleware adds to every response (docs/behaviour.md, "Response headers").
 SECURITY_HEADERS: dict[str, str] = {
     "Content-Security-Policy": (
         "default-src 'self';base-uri 'self';font-src 'self' https: data:;"

@@ -16,7 +16,7 @@ What the document says, and why:
   in ``x-stagedoor-pattern``.
 - Routes that need credentials use the ``backstage`` bearer scheme; ``unauthenticated`` routes
   say ``security: []``.
-- Errors stagedoor produces (SPEC.md shape) are described per status: 400, 404, 405 and 431
+- Errors stagedoor produces (docs/behaviour.md) are described per status: 400, 404, 405 and 431
   (request head over the limits) always; 401, 403 and 503 where credentials are checked; 502 and
   504 where the route forwards; 413 where a body is passed on. What the
   upstream answers is passed through unchanged, so a forwarding route documents it as
@@ -294,7 +294,7 @@ def ecma_pattern(python_regex: str) -> str:
 
 # -- the document ----------------------------------------------------------------------------------
 def error_body_schema() -> dict[str, Any]:
-    """JSON Schema of the error body (SPEC.md): exactly these keys, nothing else (no stack)."""
+    """JSON Schema of the error body (docs/behaviour.md): exactly these keys, no stack."""
 
     def strict(**properties: Any) -> dict[str, Any]:
         return {"type": "object", "required": list(properties), "properties": properties,

@@ -406,7 +406,7 @@ class HardEnv:
 
 
 def is_json_error(resp: RawResponse, status: int | None = None) -> bool:
-    """The SPEC.md error shape: exactly error{name,message}, request{method,url},
+    """The error shape of docs/behaviour.md: exactly error{name,message}, request{method,url},
     response{statusCode}, as application/json; charset=utf-8."""
     if status is not None and resp.status != status:
         return False

@@ -1,4 +1,4 @@
-"""Every credential row of SPEC.md, end to end: a real `stagedoor run` process, real JWKS
+"""Each row of docs/credentials.md, end to end: a real `stagedoor run` process, real JWKS
 endpoints on 127.0.0.1, tokens signed with keys generated here."""
 
 from __future__ import annotations

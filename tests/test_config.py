@@ -1,4 +1,4 @@
-"""Config layering, ${VAR} substitution and the boot error (SPEC.md, "Config")."""
+"""Config layering, ${VAR} substitution and the boot error (docs/behaviour.md, "Config")."""
 
 from pathlib import Path
 

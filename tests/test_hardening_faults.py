@@ -1,5 +1,5 @@
 """Faults around the proxy: upstreams that refuse, reset, babble, stall or flood; policy and
-config files replaced by garbage while it runs. Invariant: SPEC.md JSON errors, the proxy keeps
+config files replaced by garbage while it runs. Invariant: JSON errors, the proxy keeps
 serving everyone else, nothing crashes, and a huge answer is streamed, not buffered."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 - A head over ``maxHeaderBytes`` or with more than ``maxHeaderCount`` fields: 431
   ``RequestHeaderFieldsTooLargeError``; a body over ``maxBodyBytes`` (declared or chunked): 413
-  ``PayloadTooLargeError``; both SPEC.md JSON, nothing forwarded, the connection closed.
+  ``PayloadTooLargeError``; both JSON errors, nothing forwarded, the connection closed.
 - A head that never ends is not buffered past the limit.
 - Slow clients (slowloris) do not hold up anyone else, and are disconnected once
   ``headerTimeoutSeconds`` passes without a complete head.

@@ -3,7 +3,7 @@ real sidecar; every assertion about what got through is made on the upstream sid
 
 Invariant: no request reaches an upstream URL that the matched route's template would not
 produce from parameter values that pass their regexes (:func:`tests.hardening.producible`),
-no 5xx, every refusal is a SPEC.md JSON error, and the proxy keeps serving.
+no 5xx, every refusal is a JSON error of docs/behaviour.md, and the proxy keeps serving.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def check(env: HardEnv, before: int, resp: RawResponse | None, what: str,
         elif resp.status not in allowed:
             problems.append(f"{what}: unexpected status {resp.status}")
         elif not is_json_error(resp):
-            problems.append(f"{what}: not a SPEC.md JSON error: {resp.body[:200]!r}")
+            problems.append(f"{what}: not a Backstage-shaped JSON error: {resp.body[:200]!r}")
     if len(seen) > 1:
         problems.append(f"{what}: one request became {len(seen)} upstream: "
                         f"{[s.target for s in seen]}")

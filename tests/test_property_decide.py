@@ -4,13 +4,13 @@ token verifier, over generated paths, methods, Authorization headers and tokens.
 Properties:
 
 1. A denied decision never carries an upstream or a local answer, and its error renders to the
-   SPEC.md error shape with its own status.
+   error shape of docs/behaviour.md with its own status.
 2. An allowed forward's upstream path is exactly the route's upstream template filled with the
    re-encoded parameter values, each of which passes its regex, and each value is the request's
    own path segment decoded once; the query is passed as is, and is printable ASCII.
 3. Without a credential, a path that is not ``unauthenticated`` is 401 whatever route or method
    it names (no enumeration), and ``decide`` is deterministic.
-4. ``render_error`` gives the SPEC.md shape for any status, name, message, method and url.
+4. ``render_error`` gives the docs/behaviour.md shape for any status, name, message, method and url.
 5. A validly signed token changed in any one character never verifies.
 """
 
