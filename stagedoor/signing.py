@@ -1,0 +1,302 @@
+"""Plugin signing keys: what stagedoor signs its own tokens with, and the JWKS it publishes.
+
+A Backstage plugin signs the tokens it sends (plugin tokens to other plugins) with a key of its
+own and publishes the public half at ``/api/<pluginId>/.backstage/auth/v1/jwks.json``, where the
+receiving plugin finds it through discovery. stagedoor does the same for each plugin it serves:
+
+- **generated** (default, Backstage's ``database`` key store): an ES256 key per plugin, made at
+  start and replaced every ``stagedoor.signing.keyDuration`` (default ``1h``, as in Backstage).
+  A token lives at most one key duration, so a replaced key stays published for one more key
+  duration (until every token it signed has expired), then disappears.
+- **static** (Backstage's ``backend.auth.pluginKeyStore: {type: static}``): key pairs read from
+  PEM files (a Kubernetes Secret mounted into every replica, so replicas share them). The first
+  key signs; every listed key is published. Rotating means listing a new key first and keeping
+  the old one listed until its tokens have expired; removing a key revokes its tokens.
+
+The JWKS document is rendered byte for byte as a Backstage backend renders it
+(``{"keys":[{"kty":"EC","x":..,"y":..,"crv":"P-256","kid":..,"alg":"ES256"}]}``).
+
+Pure: no network, no mitmproxy; the clock is injectable.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from .config import Config, ConfigError
+
+KEY_STORE_KEY = "backend.auth.pluginKeyStore"
+KEY_DURATION_KEY = "stagedoor.signing.keyDuration"
+#: Backstage's plugin key duration (fixed at one hour in @backstage/backend-defaults).
+DEFAULT_KEY_DURATION = 3600.0
+JWKS_PATH = "/.backstage/auth/v1/jwks.json"
+JWKS_CONTENT_TYPE = "application/json; charset=utf-8"
+
+_CURVES: dict[str, tuple[type[ec.EllipticCurve], str, int]] = {
+    "ES256": (ec.SECP256R1, "P-256", 32),
+    "ES384": (ec.SECP384R1, "P-384", 48),
+    "ES512": (ec.SECP521R1, "P-521", 66),
+}
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_seconds(value: Any) -> float:
+    """``90``, ``90s``, ``15m``, ``1h``, ``1d`` -> seconds. Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid duration {value!r}")
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION.fullmatch(str(value))
+    if not match:
+        raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 15m, 1h)")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def public_jwk(public_key: ec.EllipticCurvePublicKey, kid: str, alg: str) -> dict[str, str]:
+    """The public JWK in the member order Backstage publishes (``jose.exportJWK`` + kid, alg)."""
+    _, crv, size = _CURVES[alg]
+    numbers = public_key.public_numbers()
+    return {"kty": "EC", "x": _b64url(numbers.x.to_bytes(size, "big")),
+            "y": _b64url(numbers.y.to_bytes(size, "big")), "crv": crv, "kid": kid, "alg": alg}
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    kid: str
+    alg: str
+    private_key: ec.EllipticCurvePrivateKey | None  # None: published only (static, no private)
+    jwk: dict[str, str]
+    signs_until: float  # after this a new key signs (inf: static)
+    published_until: float  # after this it leaves the JWKS (inf: static)
+
+
+@dataclass(frozen=True, slots=True)
+class StaticKeyFile:
+    key_id: str
+    public_key_file: str
+    private_key_file: str | None
+    algorithm: str
+    digest: str  # of the files' content: equal settings, equal keys (reload compares)
+
+
+@dataclass(frozen=True, slots=True)
+class SigningSettings:
+    """``backend.auth.pluginKeyStore`` and ``stagedoor.signing.*``."""
+
+    key_duration: float = DEFAULT_KEY_DURATION
+    static_keys: tuple[StaticKeyFile, ...] = ()  # empty: generated keys
+
+    @property
+    def token_ttl(self) -> float:
+        """How long a plugin token lives at most (Backstage: one key duration)."""
+        return self.key_duration
+
+    @classmethod
+    def from_config(cls, config: Config) -> SigningSettings:
+        raw_duration = config.get(KEY_DURATION_KEY)
+        duration = DEFAULT_KEY_DURATION
+        if raw_duration is not None:
+            try:
+                duration = parse_seconds(raw_duration)
+            except ValueError as exc:
+                raise ConfigError(f"Invalid config value at '{KEY_DURATION_KEY}': {exc}") from None
+            if not 1 <= duration <= 7 * 86400:
+                raise ConfigError(f"Invalid config value at '{KEY_DURATION_KEY}': must be "
+                                  "between 1s and 7d")
+        store = config.get(KEY_STORE_KEY)
+        if store is None:
+            return cls(duration)
+        if not isinstance(store, Mapping):
+            raise ConfigError(f"Invalid type in config for key '{KEY_STORE_KEY}': want a "
+                              "mapping with 'type'")
+        kind = store.get("type", "database")
+        if kind == "database":  # no database here: generated, rotated keys
+            return cls(duration)
+        if kind != "static":
+            raise ConfigError(f"Unsupported config value {KEY_STORE_KEY}.type '{kind}'; "
+                              "expected one of 'database', 'static'")
+        static = store.get("static")
+        keys = static.get("keys") if isinstance(static, Mapping) else None
+        if not isinstance(keys, list) or not keys:
+            raise ConfigError("At least one key pair must be provided in static.keys, when the "
+                              f"static key store type is used ('{KEY_STORE_KEY}.static.keys')")
+        files = tuple(_static_key(i, item) for i, item in enumerate(keys))
+        if files[0].private_key_file is None:
+            raise ConfigError("Private key for signing must be provided in the first key pair "
+                              f"in static.keys ('{KEY_STORE_KEY}.static.keys[0]."
+                              "privateKeyFile')")
+        if len({f.key_id for f in files}) != len(files):
+            raise ConfigError(f"Duplicate keyId in '{KEY_STORE_KEY}.static.keys'")
+        return cls(duration, files)
+
+
+def _static_key(index: int, item: Any) -> StaticKeyFile:
+    where = f"{KEY_STORE_KEY}.static.keys[{index}]"
+    if not isinstance(item, Mapping):
+        raise ConfigError(f"Invalid type in config for key '{where}': want a mapping")
+    key_id, public, private = item.get("keyId"), item.get("publicKeyFile"), \
+        item.get("privateKeyFile")
+    alg = item.get("algorithm", "ES256")
+    for name, value in (("keyId", key_id), ("publicKeyFile", public)):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"Missing required config value at '{where}.{name}'")
+    if private is not None and not isinstance(private, str):
+        raise ConfigError(f"Invalid type in config for key '{where}.privateKeyFile'")
+    if alg not in _CURVES:
+        raise ConfigError(f"Invalid config value at '{where}.algorithm': stagedoor signs with "
+                          f"{', '.join(_CURVES)}, got {alg!r}")
+    digest = hashlib.sha256()
+    for path in (public, private):
+        if path is None:
+            continue
+        try:
+            digest.update(Path(path).read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"Cannot read '{where}' key file {path}: {exc.strerror}") from None
+    return StaticKeyFile(str(key_id), str(public), private, str(alg), digest.hexdigest())
+
+
+def _load_static(spec: StaticKeyFile) -> SigningKey:
+    curve = _CURVES[spec.algorithm][0]
+    try:
+        public = serialization.load_pem_public_key(Path(spec.public_key_file).read_bytes())
+        private = (serialization.load_pem_private_key(
+            Path(spec.private_key_file).read_bytes(), password=None)
+            if spec.private_key_file else None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"Cannot load signing key '{spec.key_id}': {exc}") from None
+    if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(public.curve, curve):
+        raise ConfigError(f"Signing key '{spec.key_id}' is not an {spec.algorithm} public key")
+    if private is not None and (not isinstance(private, ec.EllipticCurvePrivateKey)
+                                or private.public_key().public_numbers()
+                                != public.public_numbers()):
+        raise ConfigError(f"Signing key '{spec.key_id}': the private key does not match the "
+                          "public key")
+    return SigningKey(spec.key_id, spec.algorithm, private,
+                      public_jwk(public, spec.key_id, spec.algorithm), float("inf"),
+                      float("inf"))
+
+
+class KeyRing:
+    """One plugin's signing keys: the current one and those still published."""
+
+    def __init__(self, plugin_id: str, settings: SigningSettings,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.plugin_id = plugin_id
+        self.settings = settings
+        self.clock = clock
+        self._keys: list[SigningKey] = []  # newest first
+        self._jwks: tuple[tuple[str, ...], bytes] | None = None
+        self.rotations = 0
+        if settings.static_keys:
+            self._keys = [_load_static(spec) for spec in settings.static_keys]
+        else:
+            self._generate(clock())
+
+    def _generate(self, now: float) -> SigningKey:
+        duration = self.settings.key_duration
+        private = ec.generate_private_key(ec.SECP256R1())
+        kid = str(uuid.uuid4())
+        key = SigningKey(kid, "ES256", private, public_jwk(private.public_key(), kid, "ES256"),
+                         now + duration, now + duration + self.settings.token_ttl)
+        self._keys.insert(0, key)
+        return key
+
+    def _expire(self, now: float) -> None:
+        self._keys = [k for k in self._keys if k.published_until > now]
+
+    def current(self) -> SigningKey:
+        """The key to sign with now (a new one when the current one's time is up)."""
+        now = self.clock()
+        key = self._keys[0] if self._keys else None
+        if key is None or key.signs_until <= now:
+            key = self._generate(now)
+            self.rotations += 1
+        self._expire(now)
+        return key
+
+    def rotate(self) -> SigningKey:
+        """Start signing with a new key now; the old one stays published while its tokens
+        live (generated keys only; static keys rotate through the files)."""
+        if self.settings.static_keys:
+            raise ValueError("static signing keys rotate through backend.auth.pluginKeyStore")
+        now = self.clock()
+        old = self._keys[0]
+        self._keys[0] = SigningKey(old.kid, old.alg, old.private_key, old.jwk, now,
+                                   now + self.settings.token_ttl)
+        self.rotations += 1
+        return self._generate(now)
+
+    def published(self) -> list[SigningKey]:
+        now = self.clock()
+        self.current()  # rotates and expires on schedule
+        return [k for k in self._keys if k.published_until > now]
+
+    def jwks_document(self) -> bytes:
+        """The JWKS as a Backstage backend serves it (``res.json({keys})``)."""
+        keys = self.published()
+        kids = tuple(k.kid for k in keys)
+        if self._jwks is None or self._jwks[0] != kids:
+            body = json.dumps({"keys": [k.jwk for k in keys]}, separators=(",", ":"),
+                              ensure_ascii=False).encode()
+            self._jwks = (kids, body)
+        return self._jwks[1]
+
+    def sign(self, claims: dict[str, Any], typ: str) -> str:
+        """A compact JWS of ``claims`` with header ``{typ, alg, kid}`` (Backstage's order)."""
+        key = self.current()
+        assert key.private_key is not None  # the signing key always has its private half
+        return jwt.encode(claims, key.private_key, algorithm=key.alg,
+                          headers={"typ": typ, "kid": key.kid}, sort_headers=False)
+
+
+@dataclass
+class Signer:
+    """The key rings of every plugin stagedoor serves (made on first use of a plugin id)."""
+
+    settings: SigningSettings = field(default_factory=SigningSettings)
+    clock: Callable[[], float] = time.time
+    rings: dict[str, KeyRing] = field(default_factory=dict)
+
+    def ring(self, plugin_id: str) -> KeyRing:
+        ring = self.rings.get(plugin_id)
+        if ring is None:
+            ring = self.rings[plugin_id] = KeyRing(plugin_id, self.settings, self.clock)
+        return ring
+
+    def prepare(self, plugin_ids: list[str]) -> None:
+        """Make every plugin's key now (at start), not on its first request."""
+        for plugin_id in plugin_ids:
+            self.ring(plugin_id)
+
+
+def jwks_plugin(path: str) -> str | None:
+    """The plugin id of a JWKS request path ``/api/<pluginId>/.backstage/auth/v1/jwks.json``
+    (exactly that, no query), else None."""
+    if not path.startswith("/api/") or not path.endswith(JWKS_PATH):
+        return None
+    plugin_id = path[len("/api/"):-len(JWKS_PATH)]
+    if not plugin_id or "/" in plugin_id or not plugin_id.replace("-", "").replace(
+            "_", "").isalnum() or not plugin_id.isascii():
+        return None
+    return plugin_id
