@@ -2,10 +2,12 @@
 
 Order of checks (docs/design.md): plugin -> credentials barrier -> route and method -> principal
 kind -> access restrictions -> path parameters -> permission -> action. Nothing here touches the
-network or mitmproxy. Two side doors, both exceptions: :class:`~stagedoor.tokens.KeysNeeded` (a
-token needs a key set that is not cached yet) and
-:class:`~stagedoor.permissions.DelegationNeeded` (a rule asks the permission backend); the
-caller does the I/O and calls ``decide`` again. :func:`stagedoor.resolve.resolve` is that caller.
+network or mitmproxy. Three side doors, all exceptions: :class:`~stagedoor.tokens.KeysNeeded`
+(a token needs a key set that is not cached yet),
+:class:`~stagedoor.permissions.DelegationNeeded` (a rule asks the permission backend) and
+:class:`~stagedoor.userinfo.MembershipNeeded` (a ``memberOf`` needs the user's ownership refs
+from the auth backend); the caller does the I/O and calls ``decide`` again.
+:func:`stagedoor.resolve.resolve` is that caller.
 
 A :data:`Decision` is one of three things: :class:`Deny`, :class:`Answer` (a local response) or
 :class:`Forward` (an upstream). Each carries the same :class:`Context` (plugin, route,
@@ -22,10 +24,11 @@ from types import MappingProxyType
 from typing import ClassVar, Protocol
 
 from .errors import ApiError
-from .permissions import Authorizer, evaluate
+from .permissions import Authorizer, DelegationNeeded, evaluate
 from .policy import LocalResponse, PolicySet, Route
 from .routing import PathRejected, split_segments
 from .tokens import CredentialError, KeySourceUnavailable, Principal, extract_bearer
+from .userinfo import MembershipUnavailable
 
 API_PREFIX = "/api/"
 _SAFE_QUERY = re.compile(r"[\x21-\x7e]*")  # printable ASCII, no space
@@ -222,11 +225,23 @@ def _check_permission(draft: _Draft, route: Route, principal: Principal | None,
         return ApiError(403, f"This token's access is restricted and does not include "
                              f"permission '{permission}'")
     resource = values.get(route.resource_param) if route.resource_param else None
-    groups = authorizer.groups_for(principal) if authorizer else (
-        frozenset(principal.ownership) if principal else frozenset())
+
+    def groups() -> frozenset[str]:  # asked only when a memberOf condition is reached
+        if authorizer is None:
+            return frozenset(principal.ownership) if principal else frozenset()
+        refs, source = authorizer.membership_of(principal, token)
+        if trace is not None and principal is not None:
+            trace.append(("membership", f"{principal.subject}: {len(refs)} ownership ref(s) "
+                                        f"from {MEMBERSHIP_SOURCE_NAMES[source]}"))
+        return refs
+
     ask = (lambda: authorizer.cached(token, permission)) if authorizer else None
-    outcome = evaluate(policies.rules_for(route.plugin_id), permission, principal, groups,
-                       resource, ask)
+    try:
+        outcome = evaluate(policies.rules_for(route.plugin_id), permission, principal, groups,
+                           resource, ask)
+    except DelegationNeeded as needed:
+        needed.plugin_id, needed.principal = route.plugin_id, principal
+        raise
     for rule, effect in outcome.shadow:
         if effect == "deny":
             draft.would_deny(f"rule {rule.where} ({rule.permission}, enforce: false) would deny")
@@ -242,6 +257,14 @@ def _check_permission(draft: _Draft, route: Route, principal: Principal | None,
     return None if outcome.allowed else ApiError(403, message)
 
 
+MEMBERSHIP_SOURCE_NAMES = {
+    "map": "the static map (stagedoor.permissions.membership)",
+    "token": "the token's ent claim",
+    "userinfo": "the auth backend's /v1/userinfo",
+    "subject": "the principal itself (no membership source)",
+}
+
+
 def _relative_url(target: str, mount: str) -> str:
     rest = target[len(mount):]
     if not rest.startswith("/"):
@@ -253,8 +276,9 @@ def decide(request: GatewayRequest, policies: PolicySet, verifier: Verifier | No
            authorizer: Authorizer | None = None, *, explain: bool = False) -> Decision:
     """Run every check for one request; pure and synchronous.
 
-    Raises only ``KeysNeeded`` (a key set must be fetched) or ``DelegationNeeded`` (the
-    permission backend must be asked); the caller resolves either and calls again.
+    Raises only ``KeysNeeded`` (a key set must be fetched), ``DelegationNeeded`` (the
+    permission backend must be asked) or ``MembershipNeeded`` (the auth backend must be asked
+    for the user's ownership refs); the caller resolves it and calls again.
     ``explain``: record every step in ``context.trace`` (off on the proxy's hot path).
     """
     target = request.target
@@ -364,8 +388,14 @@ def decide(request: GatewayRequest, policies: PolicySet, verifier: Verifier | No
 
     # 6. permission ----------------------------------------------------------------------------
     if route.permission is not None:
-        denied = _check_permission(draft, route, principal, token, values, policies,
-                                   authorizer)
+        try:
+            denied = _check_permission(draft, route, principal, token, values, policies,
+                                       authorizer)
+        except MembershipUnavailable as exc:  # fail closed, as for a missing key set
+            return draft.deny("permission",
+                              ApiError(503, exc.message,
+                                       headers=(("Retry-After", str(exc.retry_after)),)),
+                              f"membership unavailable: {exc.url}: {exc.reason}")
         if denied is not None:
             if route.enforce:
                 return draft.deny("permission", denied)

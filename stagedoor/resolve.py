@@ -9,11 +9,14 @@ it can run as soon as the head is in, before any body is read.
 
 from __future__ import annotations
 
-from .decide import Decision, GatewayRequest, Verifier, decide, refuse
+from .decide import Answer, Context, Decision, Deny, GatewayRequest, Verifier, decide, refuse
 from .errors import ApiError
 from .permissions import DelegationNeeded
+from .policy import LocalResponse
 from .runtime import State
+from .signing import JWKS_CONTENT_TYPE, JWKS_PATH, jwks_plugin
 from .tokens import MSG_SOURCE_UNAVAILABLE, KeysNeeded, extract_bearer
+from .userinfo import MembershipNeeded
 
 #: Fetch-and-decide-again rounds before giving up with a 503 (a token names one key source,
 #: a route one permission: two rounds settle any request; a third covers a rotation race).
@@ -33,6 +36,10 @@ async def resolve(request: GatewayRequest, state: State, *, explain: bool = Fals
     document = state.openapi.answer(request.method, request.target)
     if document is not None:
         return document
+    if JWKS_PATH in request.target:
+        keys = jwks_answer(request, state)
+        if keys is not None:
+            return keys
     policies, authorizer = state.policies, state.authorizer
     use = verifier if verifier is not None else state.verifier
     for _ in range(MAX_ROUNDS):
@@ -43,8 +50,27 @@ async def resolve(request: GatewayRequest, state: State, *, explain: bool = Fals
         except DelegationNeeded as needed:
             # A stand-in verifier has no real token to show the permission backend.
             token = None if verifier is not None else extract_bearer(list(request.authorization))
-            await authorizer.resolve(token, needed.permission)
+            await authorizer.resolve(token, needed.permission, needed.plugin_id,
+                                     needed.principal)
+        except MembershipNeeded as needed:
+            assert authorizer.userinfo is not None
+            await authorizer.userinfo.resolve(needed.token, needed.subject, needed.expires_at)
     return refuse(request.target, "barrier",
                   ApiError(503, MSG_SOURCE_UNAVAILABLE,
                            headers=(("Retry-After", str(RETRY_AFTER)),)),
                   "credentials still unresolved after refetching")
+
+
+def jwks_answer(request: GatewayRequest, state: State) -> Decision | None:
+    """``GET /api/<pluginId>/.backstage/auth/v1/jwks.json``: the public keys stagedoor signs
+    the plugin's tokens with, without credentials, as a Backstage backend serves them."""
+    plugin_id = jwks_plugin(request.target)
+    if plugin_id is None or plugin_id not in state.policies.plugins:
+        return None
+    context = Context(JWKS_PATH, plugin_id)
+    if request.method not in ("GET", "HEAD"):
+        return Deny(context, ApiError(405, f"Method {request.method} is not allowed; allowed: "
+                                           "GET, HEAD", headers=(("Allow", "GET, HEAD"),)),
+                    "method")
+    body = state.signer.ring(plugin_id).jwks_document()
+    return Answer(context, LocalResponse(200, body, (("Content-Type", JWKS_CONTENT_TYPE),)))

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import identity
 from .config import Config, ConfigError, load_config
 from .errors import SECURITY_HEADERS
 from .logsetup import LOG_FORMATS, parse_level
 from .openapi import ServedDocuments
 from .permissions import Authorizer
 from .policy import PolicySet, load_policies, parse_duration, policy_files
+from .signing import Signer, SigningSettings
 from .tokens import AuthSettings, TokenVerifier
 
 log = logging.getLogger("stagedoor")
@@ -198,6 +200,15 @@ class State:
     #: ``stagedoor.securityHeaders`` as (lowercase name, name, value) bytes, encoded once.
     security_fields: SecurityFields
     fingerprint: str = ""  # input_fingerprint() of the files, taken before reading them
+    #: The plugins' signing keys (kept across reloads while their settings are equal).
+    signer: Signer = field(default_factory=Signer)
+    #: Each forwarding route's identity mutator, by ``id(route)`` (see :meth:`identity_for`).
+    identities: dict[int, identity.Mutator] = field(default_factory=dict)
+    default_identity: identity.Mutator = field(default_factory=identity.PlainHeaders)
+
+    def identity_for(self, route: Any) -> identity.Mutator:
+        """How the caller reaches ``route``'s upstream (``upstream.identity``)."""
+        return self.identities.get(id(route), self.default_identity)
 
     @property
     def limits(self) -> Limits:
@@ -222,12 +233,22 @@ def load_state(config_files: Sequence[str], policy_dir: str,
     operations = OperationsSettings.from_config(config)
     policies = load_policies(Path(policy_dir), config)
     auth = AuthSettings.from_config(config)
+    signing = SigningSettings.from_config(config)
+    if previous is not None and previous.signer.settings == signing:
+        signer = previous.signer  # same keys: tokens already out stay valid
+    else:
+        signer = Signer(signing)
+    signer.prepare(sorted(policies.plugins))
     permission_url = _permission_base_url(auth)
-    inputs = (repr(config.get("stagedoor.permissions")), permission_url)
+    auth_url = _base_url(auth, "auth")
+    inputs = (repr(config.get("stagedoor.permissions")), permission_url, auth_url, id(signer))
     if previous is not None and previous.authorizer_inputs == inputs:
         authorizer = previous.authorizer
     else:
-        authorizer = Authorizer.from_config(config, permission_url)
+        authorizer = Authorizer.from_config(config, permission_url, auth_url, signer)
+    default_identity = identity.PlainHeaders(settings.principal_header,
+                                             settings.principal_type_header)
+    identities = _identities(policies, signer, default_identity)
     if previous is not None and previous.auth == auth:
         verifier = previous.verifier
     else:
@@ -235,7 +256,26 @@ def load_state(config_files: Sequence[str], policy_dir: str,
     security = tuple((encode_header(name.lower()), encode_header(name), encode_header(value))
                      for name, value in settings.security_headers.items())
     return State(config, settings, operations, policies, auth, verifier, authorizer, inputs,
-                 ServedDocuments.build(policies, config), security, fingerprint)
+                 ServedDocuments.build(policies, config), security, fingerprint, signer,
+                 identities, default_identity)
+
+
+def _identities(policies: PolicySet, signer: Signer,
+                default: identity.Mutator) -> dict[int, identity.Mutator]:
+    """Build every route's ``upstream.identity`` mutator once; a bad one is a ConfigError
+    naming the route."""
+    out: dict[int, identity.Mutator] = {}
+    for policy in policies.plugins.values():
+        for route in policy.routes:
+            spec = getattr(route.upstream, "identity", None) if route.upstream else None
+            if spec is None:
+                continue
+            try:
+                out[id(route)] = identity.build(spec, signer, default)
+            except ValueError as exc:
+                raise ConfigError(f"{route.file}:{route.line}: upstream.identity: {exc}") \
+                    from None
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,7 +360,12 @@ class Runtime:
 
 def _permission_base_url(settings: AuthSettings) -> str | None:
     """Where a Backstage permission backend is (discovery of 'permission'), if known."""
+    return _base_url(settings, "permission")
+
+
+def _base_url(settings: AuthSettings, plugin_id: str) -> str | None:
+    """Where a Backstage plugin is (discovery), if known."""
     try:
-        return settings.base_url_for("permission")
+        return settings.base_url_for(plugin_id)
     except ConfigError:
         return None

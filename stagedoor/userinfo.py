@@ -39,9 +39,10 @@ MAX_OWNERSHIP_REFS = 1000
 class MembershipNeeded(Exception):
     """The user's ownership refs are not cached: await ``UserInfoClient.resolve(token)``."""
 
-    def __init__(self, token: str, expires_at: float | None) -> None:
+    def __init__(self, token: str, subject: str, expires_at: float | None) -> None:
         super().__init__("userinfo lookup needed")
         self.token = token
+        self.subject = subject
         self.expires_at = expires_at
 
     def __repr__(self) -> str:  # never the token
@@ -87,7 +88,7 @@ class UserInfoClient:
     def _key(token: str) -> str:
         return hashlib.sha256(token.encode()).hexdigest()
 
-    def cached(self, token: str, expires_at: float | None) -> frozenset[str]:
+    def cached(self, token: str, subject: str, expires_at: float | None) -> frozenset[str]:
         """The cached refs; raises MembershipNeeded (ask) or MembershipUnavailable (503)."""
         key = self._key(token)
         entry = self._cache.get(key)
@@ -96,7 +97,7 @@ class UserInfoClient:
             self._cache.pop(key, None)
             entry = None
         if entry is None:
-            raise MembershipNeeded(token, expires_at)
+            raise MembershipNeeded(token, subject, expires_at)
         if entry.refs is None:
             raise MembershipUnavailable(self.url, max(1, math.ceil(entry.expires - now)),
                                         entry.reason)

@@ -12,11 +12,13 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 
 from stagedoor.config import Config
 from stagedoor.decide import GatewayRequest, decide
 from stagedoor.devkeys import generate_dev_keys, mint_user_token
+from stagedoor.minting import limited_user_token
 from stagedoor.permissions import (
     Authorizer,
     DelegationNeeded,
@@ -397,7 +399,16 @@ def test_e2e_delegation_allow_then_deny(gated_env):
     permission_backend.answer = "DENY"
     # bob's token is a different cache key: the backend is asked again
     assert get(sidecar, "/api/gated/delegated", tokens["bob"]).status == 403
-    assert permission_backend.calls[-1]["authorization"] == f"Bearer {tokens['bob']}"
+    # asked as a Backstage plugin asks: its own plugin token, on behalf of bob (never bob's
+    # token itself), signed with a key the sidecar publishes
+    sent = permission_backend.calls[-1]["authorization"].removeprefix("Bearer ")
+    assert sent != tokens["bob"]
+    jwks = json.loads(get(sidecar, "/api/gated/.backstage/auth/v1/jwks.json", None).body)
+    key = jwt.PyJWKSet.from_dict(jwks)[jwt.get_unverified_header(sent)["kid"]]
+    claims = jwt.decode(sent, key.key, algorithms=["ES256"], audience="permission")
+    assert jwt.get_unverified_header(sent)["typ"] == "vnd.backstage.plugin"
+    assert claims["sub"] == "gated"
+    assert claims["obo"] == limited_user_token(tokens["bob"]).token
 
 
 def test_e2e_delegations_are_counted_in_metrics(gated_env):

@@ -95,7 +95,8 @@ def test_a_delegated_permission_is_asked_then_decided_with_the_callers_token(tmp
         def cached(self, token: str | None, permission: str) -> bool | None:
             return None if not self.asked else False
 
-        async def resolve(self, token: str | None, permission: str) -> bool:
+        async def resolve(self, token: str | None, permission: str,
+                          *context: object) -> bool:  # plugin id, principal
             self.asked.append((token, permission))
             return False
 
