@@ -1,6 +1,12 @@
 """The policy gateway: turns each flow into a :class:`~stagedoor.decide.GatewayRequest`, runs
 ``resolve`` and writes the decision back (a local answer, a JSON error, or an upstream rewrite).
 
+Everything is decided on the request head, in the ``requestheaders`` hook, before a byte of the
+body is read: first what of the head is acceptable (:func:`stagedoor.head.check_head`), then
+credentials, route and method (``resolve``). A refusal or local answer is sent at once (for a
+request with a body, ``addons/mitm_internals.py`` (4) sends it before any ``100 Continue`` and
+drops the body as it arrives); a forward waits for the ``request`` hook, when the body is in.
+
 Hooks stay cheap: all parsing, compiling and encoding happened when the
 :class:`~stagedoor.runtime.State` was built.
 """
@@ -21,6 +27,7 @@ from mitmproxy import ctx, http
 from stagedoor.decide import API_PREFIX, Answer, Decision, Deny, Forward, GatewayRequest, refuse
 from stagedoor.errors import JSON_CONTENT_TYPE, ApiError, render_error
 from stagedoor.errors import utf8_safe as _utf8_safe
+from stagedoor.head import HeadRefusal, apply, check_head
 from stagedoor.logsetup import redact_target
 from stagedoor.resolve import resolve
 from stagedoor.runtime import Runtime, State
@@ -78,7 +85,8 @@ class Gateway:
             state.verifier.prefetch(), name="stagedoor-jwks-prefetch")
 
     # -- request ---------------------------------------------------------------------------------
-    async def request(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Decide on the head: refusals and local answers leave before any body is read."""
         if flow.response or flow.error:
             return
         # Settled before any decision, so refusals carry a request id too; "target" is the path
@@ -86,13 +94,33 @@ class Gateway:
         record = FlowRecord(_request_id(flow.request.headers), flow.request.path,
                             time.perf_counter(), self.runtime.state)
         flow.metadata[META] = record
+        await self._guarded(flow, record, self._decide_head)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        """The body is in: forward what the head decision allowed."""
+        if flow.response or flow.error:
+            return
+        record = record_of(flow.metadata)
+        if record is None:  # no requestheaders hook ran (a replayed or injected flow)
+            record = FlowRecord(_request_id(flow.request.headers), flow.request.path,
+                                time.perf_counter(), self.runtime.state)
+            flow.metadata[META] = record
+            await self._guarded(flow, record, self._decide_head)
+            if flow.response:
+                return
+        decision = record.decision
+        if isinstance(decision, Forward):
+            await self._guarded(flow, record, lambda f, r: self._forward_async(f, r, decision))
+
+    async def _guarded(self, flow: http.HTTPFlow, record: FlowRecord, step: Any) -> None:
         try:
-            await self._handle(flow, record)
+            await step(flow, record)
         except Exception:  # fail closed: a bug here must never forward anything
             log.exception("internal error while handling %s %s", flow.request.method,
                           redact_target(record.target,
                                         record.state.settings.redacted_query_keys))
             self._cancel_timer(flow)
+            record.decision = None
             record.failed("internal")
             try:
                 self._respond_error(flow, ApiError(500, "Internal error"), flow.request.path,
@@ -101,14 +129,21 @@ class Gateway:
                 flow.response = http.Response.make(500, _INTERNAL_ERROR, _header_fields(
                     [("Content-Type", JSON_CONTENT_TYPE)]))
 
-    async def _handle(self, flow: http.HTTPFlow, record: FlowRecord) -> None:
+    async def _decide_head(self, flow: http.HTTPFlow, record: FlowRecord) -> None:
         req = flow.request
         state = record.state
-        if (req.authority and not req.is_http2) or not req.path.startswith("/"):
-            # Absolute-form or authority-form target: never a gateway request.
-            decision: Decision = refuse(req.path, "path", ApiError(400, "Invalid request target"),
-                                        "non-origin-form request target")
+        verdict = check_head(req.method, req.authority, req.path, req.http_version,
+                             req.headers.fields, state.settings.edge.head_rules)
+        if isinstance(verdict, HeadRefusal):
+            decision: Decision = refuse(req.path if req.path.startswith("/") else "/", "head",
+                                        ApiError(verdict.status, verdict.message),
+                                        verdict.reason)
         else:
+            if verdict.drop:  # header fields with underscores (stagedoor.headersWithUnderscores)
+                req.headers.fields = apply(req.headers.fields, verdict)
+                log.debug("dropped header fields with underscores: %s",
+                          ", ".join(verdict.dropped_names))
+                record.dropped_fields = len(verdict.drop)
             decision = await resolve(GatewayRequest(
                 req.method, req.path, tuple(req.headers.get_all("authorization"))), state)
         record.decided(decision)
@@ -118,7 +153,7 @@ class Gateway:
                             note)
         match decision:
             case Forward():
-                self._forward(flow, record, decision)
+                pass  # in the request hook, once the body is in
             case Answer(local=local):
                 flow.response = http.Response.make(local.status, local.body,
                                                    _header_fields(local.headers))
@@ -127,6 +162,10 @@ class Gateway:
                     log.debug("%s %s denied at %s: %s", req.method,
                               decision.url.partition("?")[0], decision.check, decision.reason)
                 self._respond_error(flow, error, decision.url, state)
+
+    async def _forward_async(self, flow: http.HTTPFlow, record: FlowRecord,
+                             decision: Forward) -> None:
+        self._forward(flow, record, decision)
 
     def _forward(self, flow: http.HTTPFlow, record: FlowRecord, decision: Forward) -> None:
         req = flow.request

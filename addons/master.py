@@ -20,6 +20,7 @@ from stagedoor import outbound
 from stagedoor.runtime import Runtime
 
 from . import lean
+from .edge import Edge, PlainListenerOnly
 from .gateway import Gateway
 from .lifecycle import install_signal_handlers, operations_addons
 
@@ -95,14 +96,16 @@ def build_lean_master(runtime: Runtime, host: str, port: int,
     opts = options.Options()
     m = master.Master(opts, event_loop=asyncio.get_running_loop(), with_termlog=False)
     lean.install(m)  # per-request hook dispatch at a tenth of the cost (addons/lean.py)
-    lean.skip_debug_type_checks()
+    edge = Edge(runtime)
     m.addons.add(
         core.Core(),
         proxyserver.Proxyserver(),
+        PlainListenerOnly(edge),  # before NextLayer: a TLS handshake is refused, not answered
         next_layer.NextLayer(),
         PolicyOnlyTlsConfig(),
         errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
         Gateway(runtime),
+        edge,  # right after the gateway (addons/edge.py)
         *operations_addons(runtime, admin),  # lifecycle, access log, metrics, reload, admin
         *(extra_addons or []),
         UnroutedGuard(),
@@ -144,7 +147,11 @@ def build_web_master(runtime: Runtime, host: str, port: int, web_host: str, web_
     m = WebMaster(options.Options(), with_termlog=False)
     m.addons.remove(m.addons.get("tlsconfig"))
     m.addons.add(PolicyOnlyTlsConfig())
-    m.addons.add(Gateway(runtime), *operations_addons(runtime, admin), UnroutedGuard())
+    edge = Edge(runtime)
+    # A TLS handshake on the plain listener is refused before mitmweb's NextLayer answers it.
+    m.addons.remove(m.addons.get("nextlayer"))
+    m.addons.add(PlainListenerOnly(edge), next_layer.NextLayer())
+    m.addons.add(Gateway(runtime), edge, *operations_addons(runtime, admin), UnroutedGuard())
     inspect.install(m, settings)  # after the gateway: annotations need its decision
     m.addons.add(
         *(extra_addons or []),

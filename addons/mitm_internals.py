@@ -1,45 +1,85 @@
-"""The only place stagedoor reaches into mitmproxy's private parts. Two needs, no public API:
+"""The fence: every place stagedoor touches a private part of mitmproxy (or of h11, which
+mitmproxy's HTTP/1 layer is built on), with why, and what would replace it.
 
-1. **Error pages.** When an upstream refuses, resets or times out, mitmproxy writes an HTML 502
-   from ``mitmproxy.proxy.layers.http._http1.make_error_response`` (it also renders the 400 for a
-   malformed request line); a ``flow.response`` set in the ``error`` hook is ignored. We replace
-   that function with one that writes our JSON error body. The ``error`` hook registers the
-   body it wants (method, url, status 502/504) keyed by the identity of the error message object,
-   which is the very object mitmproxy passes on to ``make_error_response`` right after the hook.
-2. **Upstream timeouts.** mitmproxy awaits a slow upstream forever and ``flow.kill()`` does not
-   abort it. We close the flow's server connection through its connection handler, which ends
-   the flow with an error that (1) turns into a 504.
+Everything here is checked at start (:func:`check_internals`: a clear error naming the missing
+piece instead of a half-working proxy) and pinned by behavioural tests that talk to a real
+sidecar over a raw socket (``tests/test_mitm_internals.py``: bytes in, bytes out), never by
+reading mitmproxy's source text. The supported mitmproxy range is pinned in ``pyproject.toml``.
 
-3. **Request limits** (``stagedoor.limits``). mitmproxy buffers a request head of any size
-   (``_http1.Http1Server.read_headers`` says "FIXME: protect against header size DoS"), waits for
-   it forever, and its ``body_size_limit`` applies to requests and responses alike (a large
-   answer would be cut off instead of streamed). :func:`install` wraps ``read_headers``
-   (431 for a head over ``maxHeaderBytes`` or with more than ``maxHeaderCount`` fields; the
-   connection is closed when a head is not complete ``headerTimeoutSeconds`` after its first
-   byte) and ``HttpStream.check_body_size`` for requests only (413 over ``maxBodyBytes``, and a
-   request body is never streamed: the gateway decides on the whole request before anything
-   reaches an upstream). Responses keep mitmproxy's own handling: over the
-   ``stream_large_bodies`` option they are streamed, never buffered whole.
+Each entry: the private name; why stagedoor needs it; what would replace it.
 
-``tests/test_mitm_internals.py`` fails loudly if an upgrade moves any of this.
+1. ``proxy.layers.http._http1.make_error_response`` (module global, replaced). mitmproxy writes
+   its own HTML error pages (malformed request line, upstream refused/reset, body too large)
+   with ``Server: mitmproxy <version>``, and a ``flow.response`` set in the ``error`` hook is
+   ignored. We write JSON error bodies, without a ``Server`` header.
+   *Replacement:* an error-page hook or option in mitmproxy.
+2. ``_http1.Http1Server.read_headers`` (wrapped). No request-head size limit ("FIXME: protect
+   against header size DoS") and no header timeout: 431 over ``maxHeaderBytes`` or
+   ``maxHeaderCount``, close after ``headerTimeoutSeconds``. It also tells ``addons/edge.py``
+   that a new head began (the idle timer stops). *Replacement:* head size/timeout options.
+3. ``layers.http.HttpStream.check_body_size`` (wrapped). ``body_size_limit`` applies to requests
+   *and* responses (a large answer would be cut off instead of streamed): 413 for request
+   bodies only, which are never streamed. *Replacement:* a request-only body limit option.
+4. ``HttpStream.check_killed`` (wrapped; it uses ``send_response``, ``flow_done``,
+   ``client_state`` and ``state_*``). A ``flow.response`` set in ``requestheaders`` is only sent
+   once the whole body was read, and ``Expect: 100-continue`` gets ``100`` first. We send the
+   refusal at once (``Connection: close``) and drop the body as it comes, never buffered.
+   *Replacement:* an "answer now" path for responses set in ``requestheaders``.
+5. ``_http1.make_body_reader`` (replaced) and ``h11._readers.ChunkedReader`` (subclassed). h11
+   buffers a chunk-size line, its extensions and a trailer section without bound: 413 over
+   ``maxChunkLineBytes`` (what Node answers), 431 for trailers over ``maxHeaderBytes``.
+   Trailers are kept aside, since mitmproxy's HTTP/1 layer raises ``NotImplementedError``
+   ("HTTP trailers are not implemented yet") on them, crashing the connection.
+   *Replacement:* limits in h11, HTTP/1 trailer support in mitmproxy.
+6. ``_http1.Http1Connection.read_body`` (wrapped). Passes (5)'s trailers on as
+   ``RequestTrailers``/``ResponseTrailers`` events, which the stream layer handles
+   (``addons/edge.py`` drops them, counted and logged), and writes (5)'s 413/431 before
+   mitmproxy closes the connection. *Replacement:* as (5).
+7. ``Proxyserver.connections``, ``ConnectionHandler.transports`` / ``close_connection``,
+   ``ConnectionIO.handler`` / ``.writer``. Closing or answering a connection from outside its
+   layers: upstream timeout (504), head/body/idle timeouts, the JSON 500 after a crash.
+   *Replacement:* per-connection timeouts and a close API for connections.
+8. The log text ``mitmproxy has crashed!`` of ``mitmproxy.proxy.server`` (a string, not code).
+   A crash inside a connection's layers is only logged, with a traceback, and the client then
+   waits for ``tcp_timeout``. We answer JSON 500 (or close) once, and ``addons/edge.py``
+   finishes the connection's flows (access log, metrics, in-flight gauge).
+   *Replacement:* a connection-crashed hook.
+9. ``addonmanager.AddonManager._iter_hooks`` / ``_configure_all`` and
+   ``addonmanager.cut_traceback`` (``addons/lean.py``): per-event handler lists on the hot path
+   (~120 µs per request, measured). *Replacement:* a cheaper dispatch in mitmproxy itself.
+
+Dropped: ``http.MessageData.__post_init__`` (a process-wide no-op replacing mitmproxy's
+``__debug__`` type checks, ~6% CPU claimed). Measured again with a bounded loopback A/B, the
+gain was within noise at this proxy's request rate (docs/security.md), and it hid type errors
+in every message mitmproxy builds: not worth the risk.
+
+(2)-(6) are the request limits of ``stagedoor.limits`` (docs/security.md). Upstream timeouts:
+mitmproxy awaits a slow upstream forever and ``flow.kill()`` does not abort it; we close the
+flow's server connection through (7), which ends the flow with an error that (1) turns into a
+504.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+import h11
+from h11._readers import ChunkedReader
 from mitmproxy import flow as mflow
-from mitmproxy import http, version
+from mitmproxy import http
 from mitmproxy.net.http import http1
-from mitmproxy.proxy import commands, events
+from mitmproxy.proxy import commands, events, server
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
 
+from stagedoor.edge import EdgeSettings
 from stagedoor.errors import ERROR_NAMES, JSON_CONTENT_TYPE, SECURITY_HEADERS, error_body
 from stagedoor.runtime import Limits, State
 
@@ -80,8 +120,7 @@ def json_error_response(status_code: int, message: str = "") -> bytes:
         if status_code == 400 and message:
             log.debug("malformed request rejected by the HTTP parser: %s", message)
         body = error_body(status_code, name, public, "", "")
-    headers = http.Headers(
-        Server=version.MITMPROXY,
+    headers = http.Headers(  # no "Server: mitmproxy <version>"
         Connection="close",
         Content_Type=JSON_CONTENT_TYPE,
     )
@@ -123,12 +162,17 @@ def install_error_pages() -> None:
     _installed = True
 
 
-def close_server_connection(flow: http.HTTPFlow) -> bool:
-    """Abort the upstream connection a flow is waiting on. False if it could not be found."""
+def connection_handler(client_id: str) -> server.ConnectionHandler | None:
+    """The live connection handler of a client connection (7), or None."""
     from mitmproxy import ctx
 
     proxyserver = ctx.master.addons.get("proxyserver")
-    handler = getattr(proxyserver, "connections", {}).get(flow.client_conn.id)
+    return getattr(proxyserver, "connections", {}).get(client_id)
+
+
+def close_server_connection(flow: http.HTTPFlow) -> bool:
+    """Abort the upstream connection a flow is waiting on. False if it could not be found."""
+    handler = connection_handler(flow.client_conn.id)
     if handler is None:
         return False
     transports = getattr(handler, "transports", {})
@@ -138,12 +182,27 @@ def close_server_connection(flow: http.HTTPFlow) -> bool:
     return True
 
 
+def close_client(client_id: str, reason: str, answer: bytes = b"") -> bool:
+    """Write ``answer`` (if any) to a client connection and close it (7). False if gone."""
+    handler = connection_handler(client_id)
+    io = getattr(handler, "transports", {}).get(getattr(handler, "client", None))
+    if io is None or io.handler is None:
+        return False
+    if answer and io.writer is not None and not io.writer.is_closing():
+        with contextlib.suppress(OSError, RuntimeError):
+            io.writer.write(answer)
+    io.handler.cancel(reason)
+    return True
+
+
 # -- request limits ------------------------------------------------------------------------------
 def _url_as_sent(target: str, state: State) -> str:
     return target
 
 
 _url_for: Callable[[str, State], str] = _url_as_sent
+_edge: Callable[[], EdgeSettings] = EdgeSettings
+_head_listener: Callable[[str], None] | None = None  # a client connection's head began
 _original_read_headers: Callable[..., object] | None = None
 _original_check_body_size: Callable[..., object] | None = None
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
@@ -183,6 +242,8 @@ def _head_context(buf: bytearray, state: State) -> tuple[str, str]:
 def _limited_read_headers(self: _http1.Http1Server, event: events.Event):  # type: ignore[no-untyped-def]
     assert _original_read_headers is not None
     if isinstance(event, events.DataReceived) and _state is not None:
+        if event.data and _head_listener is not None:
+            _head_listener(self.conn.id)
         state = _state()
         limits = state.limits
         complete, problem = _head_problem(self.buf, limits)
@@ -215,16 +276,9 @@ def _disarm_head_timer(layer: object) -> None:
 def _head_timed_out(client_id: str, started: float) -> None:
     """A request head still incomplete after ``header_timeout``: close the client connection
     (a slowloris client holds nothing for long)."""
-    from mitmproxy import ctx
-
-    proxyserver = ctx.master.addons.get("proxyserver")
-    handler = getattr(proxyserver, "connections", {}).get(client_id)
-    io = getattr(handler, "transports", {}).get(getattr(handler, "client", None))
-    if io is None or io.handler is None:
-        return
     log.debug("closing a client connection whose request head was incomplete after %.1fs",
               time.monotonic() - started)
-    io.handler.cancel("request header timeout")
+    close_client(client_id, "request header timeout")
 
 
 def _limited_check_body_size(self: http_layers.HttpStream, request: bool):  # type: ignore[no-untyped-def]
@@ -267,16 +321,228 @@ def _limited_check_body_size(self: http_layers.HttpStream, request: bool):  # ty
     return True
 
 
+# -- (4) answer a refusal decided on the request head, before the body -----------------------
+_original_check_killed: Callable[..., object] | None = None
+
+
+def expects_body(request: http.Request) -> bool:
+    """Whether a body follows this request head (Content-Length > 0 or chunked)."""
+    try:
+        return http1.expected_http_body_size(request) != 0
+    except ValueError:
+        return True
+
+
+def _check_killed_or_answer_from_head(self: http_layers.HttpStream, emit_error_hook: bool):  # type: ignore[no-untyped-def]
+    """mitmproxy calls ``check_killed(True)`` right after the ``requestheaders`` hook. If that
+    hook set a response (a refusal) and a body is to follow, send the response now with
+    ``Connection: close``, before any ``100 Continue``, and drop the body as it arrives."""
+    assert _original_check_killed is not None
+    killed = yield from _original_check_killed(self, emit_error_hook)  # type: ignore[misc]
+    if killed or not emit_error_hook:
+        return killed
+    flow = self.flow
+    if (self.client_state != self.state_wait_for_request_headers or flow.response is None
+            or not expects_body(flow.request)):
+        return False
+    flow.response.headers["Connection"] = "close"
+    self.client_state = _drop_request_body.__get__(self)
+    flow.response.timestamp_start = time.time()
+    yield http_layers.HttpResponseHeadersHook(flow)
+    yield from self.send_response()
+    return True
+
+
+def _drop_request_body(self: http_layers.HttpStream, event: events.Event):  # type: ignore[no-untyped-def]
+    """``client_state`` of a request answered from its head: its body is read and dropped
+    (never buffered); at its end the stream finishes as usual (the connection then closes)."""
+    if isinstance(event, http_layers.RequestEndOfMessage):
+        self.client_state = self.state_done
+        if self.server_state == self.state_done:
+            yield from self.flow_done()
+    yield from ()
+
+
+# -- (5) (6) chunked bodies: bounded lines, trailers as events ------------------------------------
+CHUNK_LINE_TOO_LONG = "Chunk size line longer than stagedoor.limits.maxChunkLineBytes"
+TRAILERS_TOO_LARGE = "Trailer section larger than stagedoor.limits.maxHeaderBytes"
+_original_read_body: Callable[..., object] | None = None
+_original_make_body_reader: Callable[..., object] | None = None
+
+
+def _prefix(buf: object, size: int) -> bytes:
+    data = getattr(buf, "_data", None)  # h11's ReceiveBuffer keeps its bytes there
+    if isinstance(data, bytearray):
+        return bytes(data[:size])
+    return bytes(buf)[:size]  # type: ignore[call-overload]
+
+
+class BoundedChunkedReader(ChunkedReader):
+    """h11's chunked reader with a bound on the chunk-size line (extensions included) and on
+    the trailer section, and trailers kept aside instead of handed to mitmproxy (see (6))."""
+
+    def __init__(self, max_line: int, max_trailer: int) -> None:
+        super().__init__()
+        self.max_line = max_line
+        self.max_trailer = max_trailer
+        self.violation: tuple[int, str] | None = None
+        self.trailers: list[tuple[bytes, bytes]] | None = None
+
+    def __call__(self, buf):  # type: ignore[no-untyped-def]
+        size = len(buf)
+        if self._reading_trailer:
+            if self.max_trailer and size > self.max_trailer:
+                head = _prefix(buf, self.max_trailer + 4)
+                if not head.startswith(b"\r\n") and b"\r\n\r\n" not in head:
+                    self.violation = (431, TRAILERS_TOO_LARGE)
+                    raise h11.RemoteProtocolError(TRAILERS_TOO_LARGE)
+        elif (not self._bytes_to_discard and self._bytes_in_chunk == 0 and self.max_line
+              and size > self.max_line and b"\n" not in _prefix(buf, self.max_line + 2)):
+            self.violation = (413, CHUNK_LINE_TOO_LONG)
+            raise h11.RemoteProtocolError(CHUNK_LINE_TOO_LONG)
+        event = super().__call__(buf)
+        if isinstance(event, h11.EndOfMessage) and event.headers:
+            self.trailers = [(bytes(name), bytes(value)) for name, value in event.headers]
+            return h11.EndOfMessage()
+        return event
+
+
+def _make_body_reader(expected_size: int | None):  # type: ignore[no-untyped-def]
+    if expected_size is None:
+        max_trailer = _state().limits.max_header_bytes if _state is not None else 0
+        return BoundedChunkedReader(_edge().max_chunk_line_bytes, max_trailer)
+    assert _original_make_body_reader is not None
+    return _original_make_body_reader(expected_size)
+
+
+def _read_body_with_trailers(self: _http1.Http1Connection, event: events.Event):  # type: ignore[no-untyped-def]
+    """mitmproxy's ``read_body``, with (5)'s trailers passed on as a trailers event right
+    before the end of the message, and (5)'s 413/431 written before the connection closes."""
+    assert _original_read_body is not None
+    reader = self.body_reader
+    inner = _original_read_body(self, event)  # type: ignore[misc]
+    if not isinstance(reader, BoundedChunkedReader):
+        return (yield from inner)
+    result = None
+    while True:
+        try:
+            command = inner.send(result)
+        except StopIteration as stop:
+            return stop.value
+        if reader.violation is not None and isinstance(command, commands.CloseConnection) \
+                and isinstance(self, _http1.Http1Server):
+            status, message = reader.violation
+            reader.violation = None
+            method, url = "", ""
+            state = _state() if _state is not None else None
+            if self.request is not None and state is not None:
+                method, url = self.request.method, _url_for(self.request.path, state)
+            register_error(message, status, error_body(status, ERROR_NAMES[status], message,
+                                                       method, url),
+                           _current_security_headers())
+            yield commands.SendData(self.conn, _http1.make_error_response(status, message))
+        elif reader.trailers is not None and isinstance(command, ReceiveHttp) and isinstance(
+                command.event, (http_layers.RequestEndOfMessage,
+                                http_layers.ResponseEndOfMessage)):
+            kind = (http_layers.RequestTrailers
+                    if isinstance(command.event, http_layers.RequestEndOfMessage)
+                    else http_layers.ResponseTrailers)
+            trailers = http.Headers(reader.trailers)
+            reader.trailers = None
+            yield ReceiveHttp(kind(command.event.stream_id, trailers))
+        result = yield command
+
+
+# -- (8) a crash inside a connection's layers ----------------------------------------------------
+CRASH_MESSAGE = "mitmproxy has crashed!"
+_crash_listener: Callable[[server.ConnectionHandler, BaseException | None], None] | None = None
+
+
+class CrashWatch(logging.Filter):
+    """On mitmproxy's "mitmproxy has crashed!" record (``mitmproxy.proxy.server``), find the
+    connection it is about and hand it to the crash listener (``addons/edge.py``), which answers
+    and closes it. The record itself goes on (the log throttle keeps a flood down)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _crash_listener is not None and record.msg == CRASH_MESSAGE:
+            peer = getattr(record, "client", None)
+            exc = record.exc_info[1] if record.exc_info else None
+            for handler in _handlers():
+                if handler.client.peername == peer:
+                    _crash_listener(handler, exc)
+                    break
+        return True
+
+
+def _handlers() -> list[server.ConnectionHandler]:
+    from mitmproxy import ctx
+
+    proxyserver = ctx.master.addons.get("proxyserver")
+    return list(getattr(proxyserver, "connections", {}).values())
+
+
+_crash_watch = CrashWatch()
+
+
+def check_internals() -> None:
+    """Raise RuntimeError naming every private piece of mitmproxy this module needs that is
+    missing (a mitmproxy upgrade moved it): better no start than a half-working proxy."""
+    from mitmproxy.addons.proxyserver import Proxyserver
+
+    needed = {
+        "_http1.make_error_response": getattr(_http1, "make_error_response", None),
+        "_http1.make_body_reader": getattr(_http1, "make_body_reader", None),
+        "_http1.Http1Server.read_headers": getattr(_http1.Http1Server, "read_headers", None),
+        "_http1.Http1Connection.read_body": getattr(_http1.Http1Connection, "read_body", None),
+        "HttpStream.check_body_size": getattr(http_layers.HttpStream, "check_body_size", None),
+        "HttpStream.check_killed": getattr(http_layers.HttpStream, "check_killed", None),
+        "HttpStream.send_response": getattr(http_layers.HttpStream, "send_response", None),
+        "HttpStream.flow_done": getattr(http_layers.HttpStream, "flow_done", None),
+        "HttpStream.state_wait_for_request_headers": getattr(
+            http_layers.HttpStream, "state_wait_for_request_headers", None),
+        "ConnectionHandler.close_connection": getattr(server.ConnectionHandler,
+                                                      "close_connection", None),
+        "Proxyserver.connections": getattr(Proxyserver(), "connections", None),
+        "h11 ChunkedReader state": all(hasattr(ChunkedReader(), a) for a in (
+            "_bytes_in_chunk", "_bytes_to_discard", "_reading_trailer")) or None,
+    }
+    missing = [name for name, value in needed.items() if value is None]
+    if missing:
+        raise RuntimeError("mitmproxy internals changed (see addons/mitm_internals.py): "
+                           + ", ".join(missing) + " missing")
+
+
+def install_edge(edge: Callable[[], EdgeSettings],
+                 on_head_started: Callable[[str], None] | None = None,
+                 on_crash: Callable[[server.ConnectionHandler, BaseException | None], None]
+                 | None = None) -> None:
+    """Providers for (2)-(8) from ``addons/edge.py``: ``edge()`` answers the connection limits
+    now serving; ``on_head_started(client_id)`` is called when bytes of a request head arrive;
+    ``on_crash(handler, exception)`` when a connection's layers crashed. A later call replaces
+    them."""
+    global _edge, _head_listener, _crash_listener
+    _edge = edge
+    _head_listener = on_head_started
+    _crash_listener = on_crash
+    _install_limits()
+
+
 def _install_limits() -> None:
-    """Wrap ``read_headers`` and ``check_body_size`` once (they read ``_state()`` per use)."""
-    global _original_read_headers, _original_check_body_size
-    server, stream = _http1.Http1Server, http_layers.HttpStream
-    if _original_read_headers is None:
-        if not callable(getattr(server, "read_headers", None)) or \
-                not callable(getattr(stream, "check_body_size", None)):  # pragma: no cover
-            raise RuntimeError("mitmproxy internals changed: Http1Server.read_headers or "
-                               "HttpStream.check_body_size is gone; see addons/mitm_internals.py")
-        _original_read_headers = server.read_headers
-        _original_check_body_size = stream.check_body_size
-        server.read_headers = _limited_read_headers  # type: ignore[method-assign]
-        stream.check_body_size = _limited_check_body_size  # type: ignore[method-assign]
+    """Install (2)-(6) and (8) once (they read ``_state()`` and ``_edge()`` per use)."""
+    global _original_read_headers, _original_check_body_size, _original_check_killed
+    global _original_read_body, _original_make_body_reader
+    if _original_read_headers is not None:
+        return
+    check_internals()
+    h1server, stream, h1conn = _http1.Http1Server, http_layers.HttpStream, _http1.Http1Connection
+    _original_read_headers = h1server.read_headers
+    _original_check_body_size = stream.check_body_size
+    _original_check_killed = stream.check_killed
+    _original_read_body = h1conn.read_body
+    _original_make_body_reader = _http1.make_body_reader
+    h1server.read_headers = _limited_read_headers  # type: ignore[method-assign]
+    stream.check_body_size = _limited_check_body_size  # type: ignore[method-assign]
+    stream.check_killed = _check_killed_or_answer_from_head  # type: ignore[method-assign]
+    h1conn.read_body = _read_body_with_trailers  # type: ignore[method-assign]
+    _http1.make_body_reader = _make_body_reader  # type: ignore[assignment]
+    logging.getLogger("mitmproxy.proxy.server").addFilter(_crash_watch)

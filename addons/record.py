@@ -33,6 +33,9 @@ class FlowRecord:
     timed_out: bool = False  # the route timeout fired
     upstream_status: int | None = None
     status: int | None = None  # the status of an error page written without a response
+    dropped_fields: int = 0  # header fields dropped at the head (names with underscores)
+    body_timed_out: bool = False  # the body did not come in stagedoor.limits.bodyTimeoutSeconds
+    crashed: bool = False  # the connection's handling crashed (addons/edge.py)
 
     def decided(self, decision: Decision) -> None:
         self.decision = decision

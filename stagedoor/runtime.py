@@ -16,6 +16,7 @@ from typing import Any
 
 from . import identity
 from .config import Config, ConfigError, load_config
+from .edge import EdgeSettings
 from .errors import SECURITY_HEADERS
 from .logsetup import LOG_FORMATS, parse_level
 from .openapi import ServedDocuments
@@ -77,6 +78,8 @@ class GatewaySettings:
     redacted_query_keys: frozenset[str] = frozenset(DEFAULT_REDACTED_QUERY_KEYS)
     trust_forwarded_headers: bool = False
     limits: Limits = field(default_factory=Limits)
+    #: connection limits and request-head rules (stagedoor/edge.py, stagedoor/head.py)
+    edge: EdgeSettings = field(default_factory=EdgeSettings)
 
     @classmethod
     def from_config(cls, config: Config) -> GatewaySettings:
@@ -109,6 +112,7 @@ class GatewaySettings:
             access_log=config.get_bool("stagedoor.accessLog.enabled", True),
             redacted_query_keys=frozenset(redacted | set(DEFAULT_REDACTED_QUERY_KEYS)),
             limits=Limits.from_config(config),
+            edge=EdgeSettings.from_config(config),
         )
 
 

@@ -1,0 +1,232 @@
+"""What of a request head is acceptable, and which of its fields go on (pure; no mitmproxy).
+
+One function, :func:`check_head`, looks at a parsed request head (method, target, version and
+the raw header fields as bytes, exactly as the HTTP/1 parser produced them) and says either
+"refuse with this status" or "accept, without these fields". The mitmproxy glue
+(``addons/edge.py``) only applies the answer, from the ``requestheaders`` hook, before a byte of
+the body is read.
+
+The rules, each with the RFC section that asks for it (docs/security.md has the table):
+
+- The request target must be origin-form (``/path?query``): absolute-form, authority-form and
+  asterisk-form are refused with 400, whatever the version in the request line (RFC 9112 §3.2;
+  a gateway is not a forward proxy).
+- Only ``HTTP/1.0`` and ``HTTP/1.1`` are served on the plain listener: any other version in the
+  request line (``HTTP/2.0`` included) gets 400 (RFC 9112 §2.3 lets a server refuse a major
+  version; 505 would break the "never a 5xx for a client error" invariant of the suite).
+- A field value with CR, LF or NUL is refused with 400 (RFC 9110 §5.5: "a recipient of CR, LF or
+  NUL within a field value MUST either reject the message or replace each of those characters
+  with SP"). This covers bare CR (RFC 9112 §2.2), which some upstream parsers (Python's
+  ``http.server``, ``wsgiref``) read as a line break, and obs-fold continuation lines (RFC 9112
+  §5.2), which the HTTP/1 parser joins with ``CRLF SP``. Other control characters than HTAB are
+  refused as well (they are not ``field-vchar``).
+- A field name that is not a ``token`` (RFC 9110 §5.1) is refused with 400.
+- A field name with ``_``: CGI and WSGI servers map ``X_Forwarded_For`` and ``X-Forwarded-For``
+  to the same ``HTTP_X_FORWARDED_FOR`` variable. Like nginx (``underscores_in_headers off``) and
+  Envoy (``headers_with_underscores_action``), the default is to **drop** such fields;
+  ``reject`` answers 400, ``allow`` keeps them, except those that name a protected field once
+  ``_`` is read as ``-`` (:func:`normalise_name`): protection never depends on the spelling.
+- ``Host``: exactly one in an HTTP/1.1 request, and a valid ``uri-host [":" port]``; none, two
+  or an invalid one is 400 (RFC 9112 §3.2). A second Host is never joined with the first.
+- ``Content-Length`` must be digits; several with different values, or together with
+  ``Transfer-Encoding``, are 400 (RFC 9112 §6.3); ``Transfer-Encoding`` in an HTTP/1.0
+  request is faulty framing, 400 (RFC 9112 §6.1).
+- ``Expect`` with anything but ``100-continue`` is 417 (RFC 9110 §10.1.1).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+Field = tuple[bytes, bytes]
+
+
+class UnderscoreAction(Enum):
+    """A field name with ``_``: ``stagedoor.headersWithUnderscores``."""
+
+    DROP = "drop"
+    REJECT = "reject"
+    ALLOW = "allow"
+
+
+#: Field names a client never sets for the upstream, compared after :func:`normalise_name`.
+PROTECTED_NAMES: frozenset[str] = frozenset({
+    # hop-by-hop and framing (RFC 9110 §7.6.1, RFC 9112 §6)
+    "connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate",
+    "te", "trailer", "upgrade", "transfer-encoding", "content-length", "host",
+    # credentials and forwarding
+    "authorization", "forwarded", "x-request-id",
+    # headers some frameworks read as "the real method / URL / client"
+    "x-http-method-override", "x-http-method", "x-method-override", "x-original-method",
+    "x-original-url", "x-original-uri", "x-rewrite-url", "x-override-url",
+    "x-real-ip", "true-client-ip", "x-client-ip", "x-cluster-client-ip", "client-ip",
+})
+#: Name prefixes that are protected too (stagedoor's own identity headers, X-Forwarded-*).
+PROTECTED_PREFIXES: tuple[str, ...] = ("x-stagedoor-", "x-forwarded-")
+
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# field-value: VCHAR, obs-text, SP and HTAB; nothing else (no CR, LF, NUL or other CTL).
+_BAD_VALUE_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS = re.compile(rb"^[0-9]{1,18}$")
+# uri-host [":" port]: reg-name (unreserved / pct-encoded / sub-delims), IPv4, or [IP-literal].
+_HOST = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]{0,5})?$")
+_VERSIONS = frozenset({"HTTP/1.0", "HTTP/1.1"})
+
+
+def normalise_name(name: str | bytes) -> str:
+    """A field name as CGI/WSGI would see it, for comparisons: lower case, ``_`` read as ``-``."""
+    text = name.decode("latin-1") if isinstance(name, bytes) else name
+    return text.lower().replace("_", "-")
+
+
+def is_protected(name: str | bytes, extra: Iterable[str] = ()) -> bool:
+    """True if ``name`` (in any spelling) is a field only stagedoor may set upstream.
+
+    ``extra``: more protected names (e.g. configured identity header names), any spelling.
+    """
+    norm = normalise_name(name)
+    if norm in PROTECTED_NAMES or norm.startswith(PROTECTED_PREFIXES):
+        return True
+    return any(norm == normalise_name(other) for other in extra)
+
+
+@dataclass(frozen=True, slots=True)
+class HeadRules:
+    """How strict :func:`check_head` is; built once per loaded state."""
+
+    underscores: UnderscoreAction = UnderscoreAction.DROP
+    #: More protected names (the configured identity headers), normalised.
+    protected_extra: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class HeadRefusal:
+    """Refuse the request: ``status`` with ``message`` (client-facing), ``reason`` for logs."""
+
+    status: int
+    message: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeadAccepted:
+    """Accept the request; ``drop`` lists the indexes of fields not to forward."""
+
+    drop: tuple[int, ...] = ()
+    dropped_names: tuple[str, ...] = field(default=())
+
+
+HeadVerdict = HeadRefusal | HeadAccepted
+ACCEPTED = HeadAccepted()
+
+
+def _refuse(reason: str, message: str = "Malformed request", status: int = 400) -> HeadRefusal:
+    return HeadRefusal(status, message, reason)
+
+
+def check_target(authority: str, path: str) -> HeadRefusal | None:
+    """Origin-form only. ``authority`` is what the parser found before the path (absolute- or
+    authority-form); ``path`` the rest of the request target."""
+    if authority:
+        return _refuse("absolute-form or authority-form request target",
+                       "Invalid request target")
+    if not path.startswith("/"):
+        return _refuse("request target is not origin-form", "Invalid request target")
+    return None
+
+
+def check_head(method: str, authority: str, path: str, http_version: str,
+               fields: Sequence[Field], rules: HeadRules = HeadRules()) -> HeadVerdict:
+    """Decide on one request head; see the module docstring for the rules."""
+    if http_version not in _VERSIONS:
+        return _refuse(f"HTTP version {http_version[:16]!r} on an HTTP/1 connection",
+                       "HTTP version not supported")
+    target = check_target(authority, path)
+    if target is not None:
+        return target
+    hosts: list[bytes] = []
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    expects: list[bytes] = []
+    drop: list[int] = []
+    dropped: list[str] = []
+    for index, (name, value) in enumerate(fields):
+        if not _TOKEN.match(name):
+            return _refuse(f"field name {name[:40]!r} is not a token")
+        bad = _BAD_VALUE_BYTE.search(value)
+        if bad is not None:
+            char = bad.group()
+            what = {b"\r": "CR (or an obs-fold line)", b"\n": "LF (obs-fold line)",
+                    b"\x00": "NUL"}.get(char, f"control byte {char!r}")
+            return _refuse(f"{what} in the value of {name[:40]!r}")
+        lower = name.lower()
+        if b"_" in name:
+            if rules.underscores is UnderscoreAction.REJECT:
+                return _refuse(f"field name {name[:40]!r} has an underscore",
+                               "Header field names with underscores are not accepted")
+            if rules.underscores is UnderscoreAction.DROP or is_protected(
+                    name, rules.protected_extra):
+                drop.append(index)
+                dropped.append(name.decode("latin-1"))
+                continue
+        if lower == b"host":
+            hosts.append(value)
+        elif lower == b"content-length":
+            lengths.append(value)
+        elif lower == b"transfer-encoding":
+            codings.append(value)
+        elif lower == b"expect":
+            expects.append(value)
+    if http_version == "HTTP/1.1" and len(hosts) != 1:
+        return _refuse("no Host header" if not hosts else f"{len(hosts)} Host headers",
+                       "Exactly one Host header is required")
+    if len(hosts) > 1:
+        return _refuse(f"{len(hosts)} Host headers", "Exactly one Host header is required")
+    if hosts and not _HOST.match(hosts[0]):
+        return _refuse(f"invalid Host {hosts[0][:60]!r}", "Invalid Host header")
+    framing = _check_framing(http_version, lengths, codings)
+    if framing is not None:
+        return framing
+    for value in expects:
+        if value.strip().lower() != b"100-continue":
+            return _refuse(f"Expect: {value[:40]!r}", "Expectation not supported", 417)
+    if not drop:
+        return ACCEPTED
+    return HeadAccepted(tuple(drop), tuple(dropped))
+
+
+def _check_framing(version: str, lengths: list[bytes], codings: list[bytes]) -> HeadRefusal | None:
+    values = {part.strip() for value in lengths for part in value.split(b",")}
+    if lengths and (len(values) != 1 or not _DIGITS.match(next(iter(values)))):
+        return _refuse(f"Content-Length {b', '.join(lengths)[:60]!r}")
+    if codings and lengths:
+        return _refuse("Transfer-Encoding and Content-Length together")
+    if codings and version == "HTTP/1.0":
+        return _refuse("Transfer-Encoding in an HTTP/1.0 request")
+    if len(codings) > 1:
+        return _refuse("more than one Transfer-Encoding header")
+    if codings and codings[0].strip().lower() != b"chunked":
+        return _refuse(f"Transfer-Encoding {codings[0][:40]!r}",
+                       "Only the chunked transfer coding is accepted")
+    return None
+
+
+def apply(fields: Sequence[Field], verdict: HeadAccepted) -> tuple[Field, ...]:
+    """``fields`` without the ones ``verdict`` drops."""
+    if not verdict.drop:
+        return tuple(fields)
+    gone = set(verdict.drop)
+    return tuple(f for i, f in enumerate(fields) if i not in gone)
+
+
+def parse_underscore_action(text: str | None) -> UnderscoreAction:
+    """``stagedoor.headersWithUnderscores``: drop (default), reject or allow; ValueError else."""
+    if text is None or text == "":
+        return UnderscoreAction.DROP
+    try:
+        return UnderscoreAction(str(text).strip().lower())
+    except ValueError:
+        raise ValueError(f"must be one of drop, reject, allow; got {text!r}") from None
