@@ -100,6 +100,8 @@ class Seen:
     target: str
     headers: list[tuple[str, str]]
     body: bytes
+    raw_head: bytes = b""  # the request line and header lines exactly as they arrived
+    trailers: list[tuple[str, str]] = field(default_factory=list)
 
     def header(self, name: str) -> list[str]:
         return [v for k, v in self.headers if k.lower() == name.lower()]
@@ -121,22 +123,25 @@ class _Handler(socketserver.BaseRequestHandler):
                     continue
                 parts = line.decode("latin-1").rstrip("\r\n").split(" ")
                 headers: list[tuple[str, str]] = []
+                raw = bytearray(line)
                 while True:
                     h = reader.readline(65537)
+                    raw += h
                     if h in (b"\r\n", b"\n", b""):
                         break
                     name, _, value = h.decode("latin-1").partition(":")
                     headers.append((name.strip(), value.strip()))
                 seen = Seen(parts[0] if parts else "", parts[1] if len(parts) > 1 else "",
-                            headers, b"")
+                            headers, b"", bytes(raw))
                 lower = {k.lower(): v for k, v in headers}
                 if "chunked" in lower.get("transfer-encoding", "").lower():
                     body = bytearray()
                     while True:
                         size = int(reader.readline(1024).split(b";")[0].strip() or b"0", 16)
                         if size == 0:
-                            while reader.readline(1024) not in (b"\r\n", b"\n", b""):
-                                pass
+                            while (t := reader.readline(1024)) not in (b"\r\n", b"\n", b""):
+                                name, _, value = t.decode("latin-1").partition(":")
+                                seen.trailers.append((name.strip(), value.strip()))
                             break
                         body += reader.read(size)
                         reader.readline(16)
@@ -205,6 +210,12 @@ class _Handler(socketserver.BaseRequestHandler):
             return False
         if kind == "empty":
             return False  # close without a byte
+        if kind == "trailers":  # a chunked answer with a trailer section
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: chunked\r\nTrailer: X-Checksum, Set-Cookie\r\n"
+                         b"\r\n7\r\n{\"a\":1}\r\n0\r\nX-Checksum: abc\r\n"
+                         b"Set-Cookie: session=upstream-trailer\r\n\r\n")
+            return True
         if kind in ("huge", "huge-chunked"):
             chunk = b"x" * 65536
             chunked = kind == "huge-chunked"
@@ -303,7 +314,7 @@ def producible(policies: PolicySet, upstream_url: str, target: str) -> str | Non
 
 
 # -- the environment ---------------------------------------------------------------------------
-def hard_config(up: FaultUpstream, extra: str = "") -> str:
+def hard_config(up: FaultUpstream, extra: str = "", access_log: bool = False) -> str:
     return f"""\
 backend:
   baseUrl: {up.url}
@@ -328,7 +339,7 @@ hard:
   refusedUrl: http://127.0.0.1:{closed_port()}
 stagedoor:
   accessLog:
-    enabled: false
+    enabled: {"true" if access_log else "false"}
   auth:
     jwksRefetchIntervalSeconds: 1
     jwksTimeoutSeconds: 1
@@ -344,7 +355,7 @@ stagedoor:
 class HardEnv:
     """One sidecar in front of one :class:`FaultUpstream`, for a test module."""
 
-    def __init__(self, tmp: Path, extra_config: str = "") -> None:
+    def __init__(self, tmp: Path, extra_config: str = "", access_log: bool = False) -> None:
         self.tmp = tmp
         self.up = FaultUpstream()
         self.user_key = DevKey.generate("ES256", kid="user-1")
@@ -357,7 +368,7 @@ class HardEnv:
         shutil.copy(ROOT / "policies" / "insights.yaml", self.policy_dir / "insights.yaml")
         (self.policy_dir / "fixture.yaml").write_text(FIXTURE_POLICY)
         self.config_file = write_config(tmp / "app-config.yaml",
-                                        hard_config(self.up, extra_config))
+                                        hard_config(self.up, extra_config, access_log))
         self.policies = load_policies(self.policy_dir, Config(data={
             "hard": {"upstreamUrl": self.up.url, "refusedUrl": "http://127.0.0.1:1"},
             "insights": {"externalApiUrl": self.up.url}}))
@@ -754,6 +765,195 @@ POLICY_GARBAGE: list[tuple[str, bytes]] = [
     ("billion laughs (9 levels of aliases)", _billion_laughs(9, "pluginId: fixture\nroutes: ")),
     ("python object tag", b"pluginId: !!python/object/apply:os.system ['true']\nroutes: []\n"),
 ]
+
+
+#: Edge families (issue 13): raw requests, what the client must get, and whether a request may
+#: reach the upstream. ``{T}`` is a valid user token. ``forward``: "never", or "clean" (it may be
+#: forwarded, and what the upstream got must hold no client-set protected field in any spelling,
+#: as Python's ``http.server`` and a WSGI environ read it).
+@dataclass(frozen=True)
+class EdgeCase:
+    family: str
+    label: str
+    raw: bytes
+    statuses: frozenset[int]
+    forward: str = "never"
+    body: bytes | None = None  # what the upstream must have received, when forwarded
+
+
+def _raw(*fields: str, target: str = "/api/fixture/items/abc", method: str = "GET",
+         version: str = "HTTP/1.1", host: bool = True, auth: bool = True,
+         body: bytes = b"") -> bytes:
+    lines = [f"{method} {target} {version}"]
+    if host:
+        lines.append("Host: 127.0.0.1")
+    if auth:
+        lines.append("Authorization: Bearer {T}")
+    lines += ["Connection: close", *fields]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def _chunked(*fields: str, chunks: bytes, target: str = "/api/fixture/items/abc",
+             auth: bool = True) -> bytes:
+    return _raw("Transfer-Encoding: chunked", *fields, method="POST", target=target,
+                auth=auth, body=chunks)
+
+
+_OK = frozenset({200})
+_400 = frozenset({400})
+ADMIN = "user:default/admin"
+
+EDGE_CASES: list[EdgeCase] = [
+    # 1. bare CR, NUL, obs-fold and other control bytes in field values (RFC 9112 §2.2, §5.2;
+    #    RFC 9110 §5.5): refused, never forwarded byte for byte.
+    EdgeCase("CR, NUL, obs-fold", "bare CR smuggles a principal",
+             _raw(f"X-Note: a\rX-Stagedoor-Principal: {ADMIN}"), _400),
+    EdgeCase("CR, NUL, obs-fold", "bare CR smuggles Authorization",
+             _raw("X-Note: a\rAuthorization: Bearer forged", auth=False), _400),
+    EdgeCase("CR, NUL, obs-fold", "bare CR smuggles X-Forwarded-For",
+             _raw("X-Note: a\rX-Forwarded-For: 10.0.0.1"), _400),
+    EdgeCase("CR, NUL, obs-fold", "bare CR in the Host value", _raw(host=False) .replace(
+        b"Connection: close", b"Host: a\rb\r\nConnection: close"), _400),
+    EdgeCase("CR, NUL, obs-fold", "bare CR in the Authorization value",
+             _raw("Authorization: Bearer a\rb", auth=False), _400),
+    EdgeCase("CR, NUL, obs-fold", "NUL in a value", _raw("X-Note: a\x00b"), _400),
+    EdgeCase("CR, NUL, obs-fold", "NUL before a principal",
+             _raw(f"X-Note: a\x00X-Stagedoor-Principal: {ADMIN}"), _400),
+    EdgeCase("CR, NUL, obs-fold", "obs-fold continuation with SP",
+             _raw("X-Note: a", f" X-Stagedoor-Principal: {ADMIN}"), _400),
+    EdgeCase("CR, NUL, obs-fold", "obs-fold continuation with HTAB",
+             _raw("X-Note: a", "\tX-Forwarded-For: 10.0.0.1"), _400),
+    EdgeCase("CR, NUL, obs-fold", "obs-fold of Authorization",
+             _raw("Authorization: Bearer", " {T}", auth=False), _400),
+    EdgeCase("CR, NUL, obs-fold", "vertical tab in a value", _raw("X-Note: a\x0bb"), _400),
+    EdgeCase("CR, NUL, obs-fold", "escape byte in a value", _raw("X-Note: \x1b[31mred"), _400),
+    EdgeCase("CR, NUL, obs-fold", "DEL in a value", _raw("X-Note: a\x7fb"), _400),
+    EdgeCase("CR, NUL, obs-fold", "space in a field name", _raw("X Note: a"), _400),
+    EdgeCase("CR, NUL, obs-fold", "bare LF line ending splits off a protected field",
+             _raw(f"X-Note: a\nX-Stagedoor-Principal: {ADMIN}"), _OK, "clean"),
+    # 2. field names with underscores (default drop; CGI/WSGI read _ as -).
+    EdgeCase("underscores", "X_Stagedoor_Principal", _raw(f"X_Stagedoor_Principal: {ADMIN}"),
+             _OK, "clean"),
+    EdgeCase("underscores", "x_stagedoor_principal_type",
+             _raw("x_stagedoor_principal_type: service"), _OK, "clean"),
+    EdgeCase("underscores", "X_Forwarded_For", _raw("X_Forwarded_For: 10.0.0.1"), _OK, "clean"),
+    EdgeCase("underscores", "X_Forwarded_Host", _raw("X_Forwarded_Host: admin.internal"), _OK,
+             "clean"),
+    EdgeCase("underscores", "X_HTTP_Method_Override", _raw("X_HTTP_Method_Override: DELETE"),
+             _OK, "clean"),
+    EdgeCase("underscores", "X_Original_URL", _raw("X_Original_URL: /v1/admin"), _OK, "clean"),
+    EdgeCase("underscores", "X_Real_IP", _raw("X_Real_IP: 10.0.0.1"), _OK, "clean"),
+    EdgeCase("underscores", "X_Request_Id", _raw("X_Request_Id: forged-id"), _OK, "clean"),
+    EdgeCase("underscores", "Authorization with an underscore twin",
+             _raw("Author_ization: Bearer forged"), _OK, "clean"),
+    EdgeCase("underscores", "an unprotected field with _ (dropped too)",
+             _raw("X_Custom_Note: hello"), _OK, "clean"),
+    # 3. chunked messages with a trailer section: no crash; trailers are never forwarded.
+    EdgeCase("trailers", "request trailer naming a principal",
+             _chunked(chunks=f"5\r\nhello\r\n0\r\nX-Stagedoor-Principal: {ADMIN}\r\n\r\n"
+                      .encode()), _OK, "clean", b"hello"),
+    EdgeCase("trailers", "request trailers, several",
+             _chunked(chunks=b"3\r\nabc\r\n0\r\nX-Checksum: 1\r\nX-Forwarded-For: 10.0.0.1"
+                             b"\r\nX_Real_IP: 10.0.0.1\r\n\r\n"), _OK, "clean", b"abc"),
+    EdgeCase("trailers", "request trailer with the only credential",
+             _chunked(chunks=b"2\r\nhi\r\n0\r\nAuthorization: Bearer {T}\r\n\r\n", auth=False),
+             frozenset({401})),
+    EdgeCase("trailers", "request trailers on an open route",
+             _chunked(chunks=b"2\r\nhi\r\n0\r\nX-A: 1\r\n\r\n", target="/api/fixture/open/abc",
+                      auth=False), _OK, "clean", b"hi"),
+    EdgeCase("trailers", "request trailer section over maxHeaderBytes",
+             _chunked(chunks=b"2\r\nhi\r\n0\r\nX-Pad: " + b"p" * (MAX_HEADER_BYTES + 100)
+                      + b"\r\n\r\n"), frozenset({431})),
+    EdgeCase("trailers", "request trailer section that never ends",
+             _chunked(chunks=b"2\r\nhi\r\n0\r\n" + b"X-Pad: p\r\n" * 4000),
+             frozenset({431})),
+    # 4. chunk-size lines and extensions: bounded (413 over maxChunkLineBytes, as Node).
+    EdgeCase("chunk lines", "chunk extension of 8 KiB",
+             _chunked(chunks=b"5;ext=" + b"e" * 8192 + b"\r\nhello\r\n0\r\n\r\n"),
+             frozenset({413})),
+    EdgeCase("chunk lines", "chunk extension of 1 MiB without an end",
+             _chunked(chunks=b"5;" + b"e" * (1 << 20)), frozenset({413})),
+    EdgeCase("chunk lines", "chunk-size of 5,000 zeros",
+             _chunked(chunks=b"0" * 5000 + b"5\r\nhello\r\n0\r\n\r\n"), frozenset({413})),
+    EdgeCase("chunk lines", "endless chunk extension without credentials",
+             _chunked(chunks=b"5;" + b"x" * (1 << 20), auth=False), frozenset({401, 413})),
+    EdgeCase("chunk lines", "short chunk extension is fine",
+             _chunked(chunks=b"5;name=value\r\nhello\r\n0\r\n\r\n"), _OK, "clean", b"hello"),
+    EdgeCase("chunk lines", "many small chunks are fine",
+             _chunked(chunks=b"1\r\nx\r\n" * 500 + b"0\r\n\r\n"), _OK, "clean", b"x" * 500),
+    # 5. request-target forms, versions and Host (RFC 9112 §2.3, §3.2).
+    EdgeCase("targets and Host", "absolute-form with HTTP/2.0",
+             _raw(target="http://127.0.0.1/api/fixture/items/abc", version="HTTP/2.0"), _400),
+    EdgeCase("targets and Host", "absolute-form with HTTP/1.1",
+             _raw(target="http://127.0.0.1/api/fixture/items/abc"), _400),
+    EdgeCase("targets and Host", "absolute-form with HTTP/1.0",
+             _raw(target="http://127.0.0.1/api/fixture/items/abc", version="HTTP/1.0"), _400),
+    EdgeCase("targets and Host", "absolute-form https with HTTP/2.0",
+             _raw(target="https://admin.internal/v1/admin", version="HTTP/2.0"), _400),
+    EdgeCase("targets and Host", "origin-form with HTTP/2.0", _raw(version="HTTP/2.0"), _400),
+    EdgeCase("targets and Host", "origin-form with HTTP/3.0", _raw(version="HTTP/3.0"), _400),
+    EdgeCase("targets and Host", "authority-form GET",
+             _raw(target="127.0.0.1:80"), _400),
+    EdgeCase("targets and Host", "two Host headers", _raw("Host: b.example"), _400),
+    EdgeCase("targets and Host", "two identical Host headers", _raw("Host: 127.0.0.1"), _400),
+    EdgeCase("targets and Host", "Host and host", _raw("host: 127.0.0.1"), _400),
+    EdgeCase("targets and Host", "no Host in HTTP/1.1", _raw(host=False), _400),
+    EdgeCase("targets and Host", "no Host in HTTP/1.0 is fine", _raw(host=False,
+             version="HTTP/1.0"), _OK, "clean"),
+    EdgeCase("targets and Host", "Host with userinfo",
+             _raw(host=False).replace(b"Connection:", b"Host: user@127.0.0.1\r\nConnection:"),
+             _400),
+    EdgeCase("targets and Host", "Host with a path",
+             _raw(host=False).replace(b"Connection:", b"Host: 127.0.0.1/v1/admin\r\nConnection:"),
+             _400),
+    # 6. framing and Expect (RFC 9112 §6; RFC 9110 §10.1.1).
+    EdgeCase("framing and Expect", "Transfer-Encoding in HTTP/1.0",
+             _raw("Transfer-Encoding: chunked", method="POST", version="HTTP/1.0",
+                  body=b"0\r\n\r\n"), _400),
+    EdgeCase("framing and Expect", "Content-Length and Transfer-Encoding",
+             _raw("Content-Length: 5", "Transfer-Encoding: chunked", method="POST",
+                  body=b"0\r\n\r\n"), _400),
+    EdgeCase("framing and Expect", "Expect: something else",
+             _raw("Expect: 200-ok", "Content-Length: 2", method="POST", body=b"hi"),
+             frozenset({417})),
+    EdgeCase("framing and Expect", "Expect: 100-continue without credentials",
+             _raw("Expect: 100-continue", "Content-Length: 5", method="POST", auth=False),
+             frozenset({401})),
+    EdgeCase("framing and Expect", "a 1 MiB body without credentials",
+             _raw("Content-Length: 1048576", method="POST", auth=False, body=b"b" * (1 << 20)),
+             frozenset({401, 413})),
+]
+
+
+def replay_http_server(raw_head: bytes) -> Any:
+    """What Python's ``http.server`` makes of a forwarded request head: its parsed headers
+    (an ``email.message.Message``), or None if it refuses the head."""
+    import http.server
+    import io
+
+    class _Replay(http.server.BaseHTTPRequestHandler):
+        def __init__(self) -> None:  # no socket: parse the bytes as a server would
+            self.rfile = io.BytesIO(raw_head)
+            self.wfile = io.BytesIO()
+            self.client_address = ("127.0.0.1", 0)
+            self.server = None  # type: ignore[assignment]
+            self.close_connection = True
+            self.raw_requestline = self.rfile.readline(65537)
+            self.ok = self.parse_request()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    replay = _Replay()
+    return replay.headers if replay.ok else None
+
+
+def wsgi_environ_names(headers: Any) -> dict[str, list[str]]:
+    """Header values by the CGI/WSGI variable a server maps them to (``HTTP_X_FORWARDED_FOR``)."""
+    out: dict[str, list[str]] = {}
+    for name, value in headers.items():
+        out.setdefault("HTTP_" + name.upper().replace("-", "_"), []).append(value)
+    return out
 
 
 def path_cases() -> list[tuple[str, str, str, str]]:

@@ -1,0 +1,329 @@
+"""Edge hygiene through a real sidecar, over raw sockets (issue 13; docs/security.md).
+
+Each case in ``EDGE_CASES`` (tests/hardening.py) goes on the wire byte for byte; the test asserts
+the status the client got and what the recording upstream received. A forwarded request head is
+replayed into Python's ``http.server`` parser and read as a WSGI environ would: no client-set
+protected field may arrive in any spelling. Around the table: ``Expect: 100-continue``,
+upstream trailers, a TLS handshake on the plain listener, the parser's error page, idle and
+slow-body timeouts, client aborts (499), and the in-flight gauge back to zero without a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import io
+import re
+import socket
+import ssl
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from .hardening import (
+    EDGE_CASES,
+    EdgeCase,
+    HardEnv,
+    error_shape_problem,
+    replay_http_server,
+    wsgi_environ_names,
+)
+
+pytestmark = pytest.mark.e2e
+
+IDLE_TIMEOUT = 1.5
+BODY_TIMEOUT = 2.0
+PRINCIPAL = "user:default/jane"
+_ADMIN_LINE = re.compile(r"admin listening on (http://[0-9.]+:\d+)")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HardEnv]:
+    e = HardEnv(tmp_path_factory.mktemp("hard-edge"),
+                extra_config=f"    idleTimeoutSeconds: {IDLE_TIMEOUT}\n"
+                             f"    bodyTimeoutSeconds: {BODY_TIMEOUT}\n", access_log=True)
+    yield e
+    e.stop()
+
+
+# -- helpers -----------------------------------------------------------------------------------
+class _Bytes:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def makefile(self, *args: object, **kw: object) -> io.BytesIO:
+        return io.BytesIO(self.data)
+
+
+def parse_responses(data: bytes, method: str = "GET") -> list[http.client.HTTPResponse]:
+    """Every response in ``data`` (1xx interim ones included), in order."""
+    out = []
+    stream = io.BytesIO(data)
+    while stream.tell() < len(data):
+        rest = stream.read()
+        resp = http.client.HTTPResponse(_Bytes(rest), method=method)  # type: ignore[arg-type]
+        try:
+            resp.begin()
+        except (http.client.HTTPException, ValueError):
+            break
+        if 100 <= resp.status < 200:
+            out.append(resp)
+            consumed = rest.index(b"\r\n\r\n") + 4
+            stream = io.BytesIO(rest[consumed:])
+            data = rest[consumed:]
+            continue
+        resp.body = resp.read()  # type: ignore[attr-defined]
+        out.append(resp)
+        break
+    return out
+
+
+def exchange(port: int, raw: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``raw`` (from another thread, so an early answer is read while the rest is still
+    going out) and read until the proxy closes; everything it sent. No half-close: mitmproxy
+    takes a FIN from the client as "not interested in an answer"."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+    def send() -> None:
+        with contextlib.suppress(OSError):
+            sock.sendall(raw)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    received = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    except OSError:
+        pass
+    finally:
+        sender.join(timeout)
+        sock.close()
+    return bytes(received)
+
+
+def admin_url(env: HardEnv) -> str:
+    for line in env.sidecar.stderr_lines:
+        match = _ADMIN_LINE.search(line)
+        if match:
+            return match.group(1)
+    raise AssertionError("no admin listener line in stderr")
+
+
+def metric(env: HardEnv, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    with urllib.request.urlopen(admin_url(env) + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        if head.split("{")[0] != name:
+            continue
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def wait_for(predicate, timeout: float = 8.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def assert_clean_forward(case: EdgeCase, env: HardEnv, seen: list) -> None:  # type: ignore[type-arg]
+    """What reached the upstream, as ``http.server`` and WSGI read it, holds nothing a client
+    set in a protected field."""
+    assert len(seen) == 1, (case.label, [s.target for s in seen])
+    (s,) = seen
+    assert s.target.startswith("/v1/"), s.target
+    headers = replay_http_server(s.raw_head)
+    assert headers is not None, f"http.server refused the forwarded head {s.raw_head[:300]!r}"
+    environ = wsgi_environ_names(headers)
+    assert not [k for k in headers if "_" in k], headers.items()
+    assert environ.get("HTTP_X_STAGEDOOR_PRINCIPAL", [PRINCIPAL])[0] == PRINCIPAL
+    assert len(environ.get("HTTP_X_STAGEDOOR_PRINCIPAL", [])) <= 1
+    assert environ.get("HTTP_X_STAGEDOOR_PRINCIPAL_TYPE", ["user"]) == ["user"]
+    assert environ.get("HTTP_X_FORWARDED_FOR") == ["127.0.0.1"], environ
+    assert len(environ.get("HTTP_X_FORWARDED_HOST", [])) <= 1
+    assert environ.get("HTTP_X_FORWARDED_HOST", ["127.0.0.1"]) != ["admin.internal"]
+    assert environ.get("HTTP_X_FORWARDED_PROTO") == ["http"]
+    for forbidden in ("HTTP_AUTHORIZATION", "HTTP_AUTHOR_IZATION", "HTTP_X_REAL_IP",
+                      "HTTP_X_HTTP_METHOD_OVERRIDE", "HTTP_X_ORIGINAL_URL", "HTTP_X_CUSTOM_NOTE"):
+        assert forbidden not in environ, (forbidden, environ)
+    assert environ.get("HTTP_X_REQUEST_ID", ["x"]) != ["forged-id"]
+    assert b"user:default/admin" not in s.raw_head
+    assert b"10.0.0.1" not in s.raw_head and b"\r" not in s.raw_head.replace(b"\r\n", b"")
+    assert s.trailers == [], s.trailers
+    if case.body is not None:
+        assert s.body == case.body
+
+
+# -- the table ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", EDGE_CASES, ids=[f"{c.family}: {c.label}" for c in EDGE_CASES])
+def test_edge_table(env, case: EdgeCase):
+    before = len(env.up.requests())
+    answer = exchange(env.port, case.raw.replace(b"{T}", env.token.encode()))
+    responses = parse_responses(answer, case.raw.split(b" ", 1)[0].decode())
+    assert responses, f"{case.label}: no answer at all ({answer[:200]!r})"
+    final = responses[-1]
+    assert all(r.status != 100 for r in responses) or final.status < 400, case.label
+    assert final.status in case.statuses, (case.label, final.status, final.body[:300])
+    assert final.getheader("server") is None, final.getheader("server")
+    seen = env.up.requests()[before:]
+    if final.status >= 400:
+        import json
+
+        assert final.getheader("content-type") == "application/json; charset=utf-8"
+        assert error_shape_problem(json.loads(final.body), final.status) is None, final.body
+        assert seen == [], (case.label, [s.target for s in seen])
+    elif case.forward == "clean":
+        assert_clean_forward(case, env, seen)
+    else:
+        pytest.fail(f"{case.label}: answered {final.status}, expected a refusal")
+
+
+# -- around the table --------------------------------------------------------------------------
+def test_expect_continue_without_credentials_gets_the_refusal_not_100(env):
+    before = len(env.up.requests())
+    sock = socket.create_connection(("127.0.0.1", env.port), timeout=10)
+    try:
+        sock.sendall(b"POST /api/fixture/items/abc HTTP/1.1\r\nHost: x\r\n"
+                     b"Expect: 100-continue\r\nContent-Length: 60000\r\n\r\n")
+        first = sock.recv(65536)  # no body is sent: the answer must come from the head alone
+    finally:
+        sock.close()
+    assert first.startswith(b"HTTP/1.1 401 "), first[:200]
+    assert b"Connection: close" in first
+    assert env.up.requests()[before:] == []
+
+
+def test_expect_continue_with_credentials_gets_100_then_the_answer(env):
+    sock = socket.create_connection(("127.0.0.1", env.port), timeout=10)
+    try:
+        sock.sendall(b"POST /api/fixture/items/abc HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     + env.token.encode() + b"\r\nExpect: 100-continue\r\nContent-Length: 5\r\n"
+                     b"Connection: close\r\n\r\n")
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 100 "), first[:200]
+        sock.sendall(b"hello")
+        rest = b""
+        while chunk := sock.recv(65536):
+            rest += chunk
+    finally:
+        sock.close()
+    (resp,) = parse_responses(rest, "POST")
+    assert resp.status == 200
+
+
+def test_upstream_trailers_are_dropped_and_the_answer_arrives(env):
+    answer = exchange(env.port, b"GET /api/fixture/fault/trailers HTTP/1.1\r\nHost: x\r\n"
+                                b"Connection: close\r\n\r\n")
+    (resp,) = parse_responses(answer)
+    assert resp.status == 200, resp.body  # type: ignore[attr-defined]
+    assert resp.body == b'{"a":1}'  # type: ignore[attr-defined]
+    assert b"X-Checksum" not in answer and b"upstream-trailer" not in answer
+    assert not env.crash_lines()
+
+
+def test_tls_handshake_on_the_plain_listener_is_refused(env):
+    before = len(env.up.requests())
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    raw = socket.create_connection(("127.0.0.1", env.port), timeout=5)
+    with pytest.raises((ssl.SSLError, OSError)), \
+            context.wrap_socket(raw, server_hostname="admin.internal") as tls:
+        tls.sendall(b"GET /api/fixture/items/abc HTTP/1.1\r\nHost: x\r\n\r\n")
+        tls.recv(100)
+    raw.close()
+    assert env.up.requests()[before:] == []
+    assert metric(env, "stagedoor_edge_events_total", cause="tls_refused") >= 1
+
+
+@pytest.mark.parametrize("raw", [
+    pytest.param(b"GARBAGE\r\n\r\n", id="not a request line"),
+    pytest.param(b"GET /api/fixture/items/abc HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+                 id="negative Content-Length"),
+    pytest.param(b"GET /api/fixture/items/abc HTTP/1.1\r\nHost: x\r\n: empty name\r\n\r\n",
+                 id="empty field name"),
+])
+def test_parser_error_pages_are_json_without_a_server_header(env, raw):
+    answer = exchange(env.port, raw)
+    (resp,) = parse_responses(answer)
+    assert resp.status == 400
+    assert resp.getheader("content-type") == "application/json; charset=utf-8"
+    assert resp.getheader("server") is None
+    assert b"mitmproxy" not in answer.lower()
+
+
+def test_idle_keep_alive_connection_is_closed(env):
+    sock = socket.create_connection(("127.0.0.1", env.port), timeout=10)
+    try:
+        sock.sendall(b"GET /api/fixture/open/abc HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = sock.recv(65536)
+        assert data.startswith(b"HTTP/1.1 200 ")
+        started = time.monotonic()
+        rest = b""
+        while chunk := sock.recv(65536):  # the proxy closes it: recv returns b""
+            rest += chunk
+        assert time.monotonic() - started < 9
+    finally:
+        sock.close()
+    assert metric(env, "stagedoor_edge_events_total", cause="idle_timeout") >= 1
+
+
+def test_slow_body_gets_408_and_the_connection_closes(env):
+    before = len(env.up.requests())
+    sock = socket.create_connection(("127.0.0.1", env.port), timeout=10)
+    try:
+        sock.sendall(b"POST /api/fixture/items/abc HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     + env.token.encode() + b"\r\nContent-Length: 100\r\n\r\nonly ten b")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    finally:
+        sock.close()
+    (resp,) = parse_responses(data, "POST")
+    assert resp.status == 408, data[:300]
+    assert env.up.requests()[before:] == []
+    assert wait_for(lambda: any(r.get("status") == 408 and r.get("check") == "client"
+                                for r in env.sidecar.access_log()))
+
+
+def test_client_abort_is_499_not_an_upstream_502(env):
+    sock = socket.create_connection(("127.0.0.1", env.port), timeout=10)
+    sock.sendall(b"GET /api/fixture/fault/slow-head HTTP/1.1\r\nHost: x\r\n"
+                 b"X-Request-Id: abort-me-1\r\n\r\n")
+    assert wait_for(lambda: any(s.target == "/fault/slow-head" for s in env.up.requests()))
+    sock.close()  # with the request in flight upstream
+
+    def logged() -> list[dict]:  # type: ignore[type-arg]
+        return [r for r in env.sidecar.access_log() if r.get("request_id") == "abort-me-1"]
+
+    assert wait_for(lambda: bool(logged()))
+    (record,) = logged()
+    assert (record["status"], record["check"]) == (499, "client"), record
+    assert metric(env, "stagedoor_requests_total", status="499", check="client") >= 1
+    assert metric(env, "stagedoor_requests_total", status="502", check="upstream") == 0
+
+
+def test_in_flight_returns_to_zero_and_nothing_crashed(env):
+    assert wait_for(lambda: metric(env, "stagedoor_requests_in_flight") == 0)
+    assert env.alive() and env.healthy()
+    assert not env.crash_lines(), env.crash_lines()
+    assert metric(env, "stagedoor_edge_events_total", cause="trailers_dropped_request") >= 1
+    assert metric(env, "stagedoor_edge_events_total", cause="trailers_dropped_response") >= 1
+    assert metric(env, "stagedoor_edge_events_total", cause="chunk_line_too_long") >= 1
+    assert metric(env, "stagedoor_edge_events_total", cause="underscore_field_dropped") >= 1
