@@ -135,7 +135,8 @@ class Gateway:
         verdict = check_head(req.method, req.authority, req.path, req.http_version,
                              req.headers.fields, state.settings.edge.head_rules)
         if isinstance(verdict, HeadRefusal):
-            decision: Decision = refuse(req.path if req.path.startswith("/") else "/", "head",
+            target = req.path if req.path.startswith("/") else "/"
+            decision: Decision = refuse(_mount_relative(target, state), "head",
                                         ApiError(verdict.status, verdict.message),
                                         verdict.reason)
         else:
@@ -316,11 +317,17 @@ class Gateway:
 
 def error_url(target: str, state: State) -> str:
     """``request.url`` of an error body for a raw target (relative to a known mount)."""
+    return redact_target(_mount_relative(target, state), state.settings.redacted_query_keys)
+
+
+def _mount_relative(target: str, state: State) -> str:
+    """A raw target relative to its plugin's mount (``/api/<pluginId>``) when the plugin is
+    known; as it is otherwise."""
     plugin = target[len(API_PREFIX):].partition("/")[0].partition("?")[0]
     if target.startswith(API_PREFIX) and plugin in state.policies.plugins:
         rest = target[len(API_PREFIX) + len(plugin):]
         target = rest if rest.startswith("/") else "/" + rest
-    return redact_target(target, state.settings.redacted_query_keys)
+    return target
 
 
 def _strip_hop_by_hop(headers: http.Headers) -> None:

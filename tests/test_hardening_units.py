@@ -54,19 +54,21 @@ def test_request_hook_never_leaves_a_flow_unanswered(tmp_path, monkeypatch):
     def render_boom(*_: object) -> None:
         raise RuntimeError("and another")
 
-    monkeypatch.setattr(gateway, "_handle", boom)
+    monkeypatch.setattr(gateway, "_decide_head", boom)
     monkeypatch.setattr(gateway, "_respond_error", render_boom)
-    flow = tflow.tflow()
-    flow.request.path = "/api/insights/services/x"
-    asyncio.run(gateway.request(flow))
-    assert flow.response is not None and flow.response.status_code == 500
-    assert json.loads(flow.response.content)["error"]["message"] == "Internal error"
+    for hook in (gateway.requestheaders, gateway.request):  # the head decision, or the fallback
+        flow = tflow.tflow()
+        flow.request.path = "/api/insights/services/x"
+        asyncio.run(hook(flow))
+        assert flow.response is not None and flow.response.status_code == 500
+        assert json.loads(flow.response.content)["error"]["message"] == "Internal error"
 
 
 def test_request_with_a_non_utf8_target_gets_a_json_400(tmp_path):
     gateway = Gateway(_runtime(tmp_path))
     flow = tflow.tflow()
     flow.request.data.path = b"/api/insights/services/\xe9"
+    flow.request.headers["Host"] = "127.0.0.1"
     flow.request.headers["Authorization"] = "Bearer x"
     asyncio.run(gateway.request(flow))
     assert flow.response is not None and flow.response.status_code == 400
