@@ -84,6 +84,15 @@ class _StateCollector(Collector):
                                  ("unreachable", "unreachable")):
                 asked.add_metric([outcome], state.authorizer.stats.get(key, 0))
             yield asked
+        limits = CounterMetricFamily(
+            "stagedoor_ratelimit_decisions",
+            "Rate limit checks by plugin, rule and outcome (allowed, limited, dry_run: an "
+            "enforce: false rule would have refused; store_error: the store could not answer). "
+            "Backstage's limiters are rule backend.rateLimit and backend.rateLimit.plugin",
+            labels=["plugin", "rule", "outcome"])
+        for (plugin, rule, outcome), value in sorted(state.limiter.stats.items()):
+            limits.add_metric([plugin, rule, outcome], value)
+        yield limits
         if m.reloader is not None:
             reloads = CounterMetricFamily("stagedoor_reloads",
                                           "Reloads of policies and config by outcome",

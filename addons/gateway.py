@@ -32,7 +32,7 @@ from stagedoor.logsetup import redact_target
 from stagedoor.resolve import resolve
 from stagedoor.runtime import Runtime, State
 
-from . import mitm_internals
+from . import mitm_internals, ratelimit
 from .record import META, FlowRecord, record_of
 
 __all__ = ["META", "Gateway"]
@@ -145,13 +145,22 @@ class Gateway:
                 log.debug("dropped header fields with underscores: %s",
                           ", ".join(verdict.dropped_names))
                 record.dropped_fields = len(verdict.drop)
+            # Backstage's limiters (backend.rateLimit) first: they count every request.
+            refused = await ratelimit.limit_head(flow, record, error_url(req.path, state))
+            if refused is not None:
+                record.decided(refused)
+                return
             decision = await resolve(GatewayRequest(
                 req.method, req.path, tuple(req.headers.get_all("authorization"))), state)
+            # The policy's rateLimit rules, once the request is authenticated and routed.
+            decision = await ratelimit.limit_decided(flow, record, decision)
         record.decided(decision)
         if decision.dry_run:
             for note in decision.dry_run:
                 log.warning("dry-run: %s %s: %s", req.method, decision.url.partition("?")[0],
                             note)
+        if flow.response is not None:  # refused by a rate limit rule, and answered
+            return
         match decision:
             case Forward():
                 pass  # in the request hook, once the body is in
@@ -256,6 +265,8 @@ class Gateway:
     def response(self, flow: http.HTTPFlow) -> None:
         self._cancel_timer(flow)
         self._finish_head(flow)
+        assert flow.response is not None
+        ratelimit.settle(record_of(flow.metadata), flow.response.status_code)
 
     def _finish_head(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
@@ -283,11 +294,12 @@ class Gateway:
             if upstream and record.client_close:  # the client said "Connection: close"
                 fields += ((b"Connection", b"close"),)
             fields = _set_field(fields, b"X-Request-Id", _bytes(record.request_id))
-        resp.headers.fields = fields
+        resp.headers.fields = ratelimit.finish_headers(record, fields)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._cancel_timer(flow)
         record = record_of(flow.metadata)
+        ratelimit.settle(record, None)  # a failed exchange (skipFailedRequests gives it back)
         if record is None or flow.error is None or not record.forwarded:
             return
         # A response head from the upstream does not mean the client got anything: unless it

@@ -36,6 +36,9 @@ class FlowRecord:
     dropped_fields: int = 0  # header fields dropped at the head (names with underscores)
     body_timed_out: bool = False  # the body did not come in stagedoor.limits.bodyTimeoutSeconds
     crashed: bool = False  # the connection's handling crashed (addons/edge.py)
+    #: (limiter, LimitOutcome) when a rate limit looked at it (addons/ratelimit.py)
+    ratelimit: tuple[Any, Any] | None = None
+    ratelimit_settled: bool = False
 
     def decided(self, decision: Decision) -> None:
         self.decision = decision

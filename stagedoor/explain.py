@@ -7,11 +7,13 @@ fetched as the proxy would); ``--user``/``--service`` stand in for a verified pr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from .decide import Answer, Decision, Deny, Forward, GatewayRequest
+from .decide import Answer, Decision, Deny, Forward, GatewayRequest, TraceStep
 from .errors import ERROR_NAMES
+from .ratelimit import LimitOutcome, describe_backstage_limit
 from .resolve import resolve
 from .runtime import State
 from .tokens import Principal
@@ -51,7 +53,40 @@ def explain(state: State, method: str, url: str, *, token: str | None = None,
         stand_in = _StandInVerifier(principal)
         header = (f"Bearer {_STAND_IN_TOKEN}",)
     request = GatewayRequest(method.upper(), request_target(url), header)
-    return asyncio.run(resolve(request, state, explain=True, verifier=stand_in))
+    return asyncio.run(_explain(request, state, stand_in))
+
+
+async def _explain(request: GatewayRequest, state: State,
+                   stand_in: _StandInVerifier | None) -> Decision:
+    decision = await resolve(request, state, explain=True, verifier=stand_in)
+    steps = await limit_trace(state, decision)
+    return dataclasses.replace(decision, context=dataclasses.replace(
+        decision.context, trace=decision.trace + tuple(steps)))
+
+
+async def limit_trace(state: State, decision: Decision) -> list[TraceStep]:
+    """Which rate limits apply to the request, and whether the next one would pass, without
+    counting anything (the store is only read). Closes the state's store afterwards."""
+    settings = state.ratelimit
+    steps: list[TraceStep] = []
+    if settings.global_limit is not None:
+        steps.append(("ratelimit", describe_backstage_limit(settings.global_limit)))
+    plugin_limit = settings.plugin_limits.get(decision.plugin_id or "")
+    if plugin_limit is not None and decision.plugin_id in state.policies.plugins:
+        steps.append(("ratelimit", describe_backstage_limit(plugin_limit)))
+    policy = state.policies.plugins.get(decision.plugin_id or "")
+    route = decision.route
+    try:
+        if policy is not None and route is not None and decision.check in (
+                "allow", "params", "permission"):
+            outcome = LimitOutcome()
+            principal = decision.principal.subject if decision.principal else None
+            await state.limiter.check_policy(settings, policy.rate_limits_for(route), principal,
+                                             "(client IP)", {}, outcome, peek=True)
+            steps += [("ratelimit", note) for note in outcome.notes]
+    finally:
+        await state.limiter.close()
+    return steps
 
 
 def render(decision: Decision, method: str, url: str) -> str:

@@ -29,6 +29,8 @@ from urllib.parse import quote, urlsplit
 from .config import Config, ConfigError, MissingConfigError
 from .errors import JSON_CONTENT_TYPE
 from .permissions import PermissionRule, parse_rules
+from .ratelimit import RateLimitRule
+from .ratelimit import parse_rules as parse_rate_limits
 from .routing import PathTemplate, RouteTable
 from .yamlsource import LinedList, LinedMap, LinedScalar, YamlSyntaxError, load_lined, plain
 
@@ -41,10 +43,10 @@ MAX_PARAM_LENGTH = 1024
 _CONFIG_REF = re.compile(r"\$\{([A-Za-z0-9_.\-]+)\}")
 _UPSTREAM_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-POLICY_KEYS = {"pluginId", "description", "timeout", "routes", "permissions"}
+POLICY_KEYS = {"pluginId", "description", "timeout", "routes", "permissions", "rateLimit"}
 SHARED_PERMISSIONS_FILE = "permissions.yaml"
 ROUTE_KEYS = {"path", "methods", "method", "auth", "params", "upstream", "respond", "timeout",
-              "description", "permission", "resource", "enforce"}
+              "description", "permission", "resource", "enforce", "rateLimit"}
 PARAM_KEYS = {"pattern", "message"}
 RESPOND_KEYS = {"status", "json", "body", "contentType", "headers"}
 
@@ -129,6 +131,7 @@ class Route:
     permission: str | None = None
     resource_param: str | None = None  # path parameter whose value is the permission resource
     enforce: bool = True  # False: a permission denial is logged and counted, not enforced
+    rate_limits: tuple[RateLimitRule, ...] = ()  # the route's own rateLimit: rules
 
     @property
     def unauthenticated(self) -> bool:
@@ -146,6 +149,11 @@ class PluginPolicy:
     routes: list[Route]
     table: RouteTable[Route] = field(default_factory=RouteTable)
     rules: list[PermissionRule] = field(default_factory=list)
+    rate_limits: tuple[RateLimitRule, ...] = ()  # the plugin's rateLimit: rules
+
+    def rate_limits_for(self, route: Route) -> tuple[RateLimitRule, ...]:
+        """The route's rules when it has any, else the plugin's."""
+        return route.rate_limits or self.rate_limits
 
 
 @dataclass(slots=True)
@@ -266,6 +274,9 @@ class _FileLoader:
         if "permissions" in doc.values:
             policy.rules = self.permission_rules(doc.values["permissions"],
                                                  doc.line_of("permissions"))
+        if "rateLimit" in doc.values:
+            policy.rate_limits = self.rate_limits(doc.values["rateLimit"], plugin_id, "plugin",
+                                                  doc.line_of("rateLimit"))
         if routes_node is None:
             self.problem(doc.line, "missing 'routes' (a list of routes)")
             return None
@@ -282,7 +293,28 @@ class _FileLoader:
                              f"{route.path} overlaps {clash.path} (line {clash.line})")
                 continue
             policy.routes.append(route)
+        self.unique_rate_limit_names(policy)
         return policy
+
+    def unique_rate_limit_names(self, policy: PluginPolicy) -> None:
+        """Rule names key the counts and the metrics: two rules of a plugin never share one."""
+        seen: dict[str, str] = {}
+        route_rules = (rule for route in policy.routes for rule in route.rate_limits)
+        for rule in [*policy.rate_limits, *route_rules]:
+            if rule.name in seen:
+                self.problem(int(rule.where.rpartition(":")[2]), f"rateLimit: name '{rule.name}' "
+                             f"is already used at {seen[rule.name]}; give one of them a 'name'")
+            else:
+                seen[rule.name] = rule.where
+
+    def rate_limits(self, node: Any, plugin_id: str, scope: str,
+                    line: int) -> tuple[RateLimitRule, ...]:
+        lines = node.item_lines if isinstance(node, LinedList) else [getattr(node, "line", line)]
+        found: list[tuple[int, str]] = []
+        rules = parse_rate_limits(plain(node), plugin_id, scope, self.file, lines or [line], found)
+        for problem_line, message in found:
+            self.problem(problem_line, message)
+        return rules
 
     def permission_rules(self, node: Any, line: int) -> list[PermissionRule]:
         if not isinstance(node, LinedList):
@@ -371,6 +403,10 @@ class _FileLoader:
             enforce = self.scalar(node.values["enforce"])
             if not isinstance(enforce, bool):
                 self.problem(node.line_of("enforce"), "'enforce' must be true or false")
+        rate_limits: tuple[RateLimitRule, ...] = ()
+        if "rateLimit" in node.values:
+            rate_limits = self.rate_limits(node.values["rateLimit"], plugin_id, path,
+                                           node.line_of("rateLimit"))
         if permission is not None and "unauthenticated" in auth:
             self.problem(node.line_of("permission"), "an unauthenticated route cannot check a "
                          "permission (there is no principal)")
@@ -378,7 +414,7 @@ class _FileLoader:
         if len(self.problems) != before:
             return None
         return Route(plugin_id, template, methods, auth, params, upstream, respond, timeout,
-                     self.file, line, permission, resource, bool(enforce))
+                     self.file, line, permission, resource, bool(enforce), rate_limits)
 
     def methods(self, node: LinedMap) -> tuple[str, ...]:
         raw = plain(node.values.get("methods", node.values.get("method", ["GET"])))

@@ -22,6 +22,7 @@ holds the Redis one). No mitmproxy.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ipaddress
 import logging
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from .config import Config, ConfigError
-from .errors import ApiError
+from .errors import JSON_CONTENT_TYPE, ApiError, render_error
 
 log = logging.getLogger("stagedoor.ratelimit")
 
@@ -77,6 +78,34 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 def _invalid(config: Config, key: str, problem: str) -> ConfigError:
     return ConfigError(f"Invalid config value at '{key}' in '{config._origin(key)}': {problem}")
+
+
+def _backstage_bool(config: Config, key: str, value: Any) -> bool | None:
+    """``getOptionalBoolean``: booleans, and y/yes/true/1/on or n/no/false/0/off."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int | float | str):
+        text = str(value).strip().lower()
+        if text in ("y", "yes", "true", "1", "on"):
+            return True
+        if text in ("n", "no", "false", "0", "off"):
+            return False
+    raise _invalid(config, key, "must be true or false")
+
+
+def _backstage_number(config: Config, key: str, value: Any) -> float | None:
+    """``getOptionalNumber``: numbers, and strings that are numbers (``${ENV}`` values)."""
+    if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(number):
+                return number
+    raise _invalid(config, key, "must be a number")
 
 
 # -- durations ------------------------------------------------------------------------------------
@@ -235,10 +264,11 @@ class BackstageLimit:
                 raise _invalid(config, f"{key}.window", str(exc)) from None
             if not 1 <= window_ms <= 2**31 - 1:
                 raise _invalid(config, f"{key}.window", "must be between 1ms and ~24.8 days")
-        limit = options.get("incomingRequestLimit")
+        limit = _backstage_number(config, f"{key}.incomingRequestLimit",
+                                  options.get("incomingRequestLimit"))
         if limit is None:
             limit = DEFAULT_LIMIT
-        if isinstance(limit, bool) or not isinstance(limit, int | float) or limit < 0:
+        if limit < 0:
             raise _invalid(config, f"{key}.incomingRequestLimit",
                            "must be a number of requests (0 or more)")
         allow = options.get("ipAllowList")
@@ -250,12 +280,7 @@ class BackstageLimit:
             raise _invalid(config, f"{key}.ipAllowList", "must be a list of IP addresses")
         flags: dict[str, bool] = {}
         for name in ("skipSuccessfulRequests", "skipFailedRequests", "passOnStoreError"):
-            value = options.get(name, False)
-            if value is None:
-                value = False
-            if not isinstance(value, bool):
-                raise _invalid(config, f"{key}.{name}", "must be true or false")
-            flags[name] = value
+            flags[name] = bool(_backstage_bool(config, f"{key}.{name}", options.get(name)))
         return cls(scope, key, window_ms, int(limit), allow_list, flags["skipSuccessfulRequests"],
                    flags["skipFailedRequests"], flags["passOnStoreError"])
 
@@ -304,10 +329,19 @@ class RateLimitSettings:
     plugin_limits: dict[str, BackstageLimit] = field(default_factory=dict)
     store: StoreSpec = field(default_factory=StoreSpec)
     trusted_proxies: tuple[Network, ...] = ()
+    #: stagedoor.rateLimit.passOnStoreError: for policy rules; None: as Backstage's limiter of
+    #: the plugin (or the global one) says, else false.
+    pass_on_store_error: bool | None = None
 
     @property
     def backstage_enabled(self) -> bool:
         return self.global_limit is not None or bool(self.plugin_limits)
+
+    def policy_pass_on_store_error(self, plugin_id: str) -> bool:
+        if self.pass_on_store_error is not None:
+            return self.pass_on_store_error
+        limit = self.plugin_limits.get(plugin_id) or self.global_limit
+        return limit.pass_on_store_error if limit is not None else False
 
     @classmethod
     def from_config(cls, config: Config) -> RateLimitSettings:
@@ -339,7 +373,7 @@ class RateLimitSettings:
         elif raw is None or raw is False:
             pass
         elif isinstance(raw, dict):
-            if raw.get("global") is not False:
+            if _backstage_bool(config, "backend.rateLimit.global", raw.get("global")) is not False:
                 options = {k: v for k, v in raw.items() if k in BACKSTAGE_LIMIT_KEYS}
                 global_limit = BackstageLimit.from_options(config, "backend.rateLimit", "global",
                                                            options)
@@ -361,7 +395,10 @@ class RateLimitSettings:
             raise _invalid(config, "backend.rateLimit", "use true or an object of options")
         if extra.get("store") is not None:
             store = _store_spec(config, "stagedoor.rateLimit.store", extra["store"], base)
-        return cls(global_limit, plugin_limits, store, parse_trusted_proxies(config))
+        pass_on: bool | None = None
+        if extra.get("passOnStoreError") is not None:
+            pass_on = config.get_bool("stagedoor.rateLimit.passOnStoreError", False)
+        return cls(global_limit, plugin_limits, store, parse_trusted_proxies(config), pass_on)
 
 
 # -- policy rules ---------------------------------------------------------------------------------
@@ -657,10 +694,36 @@ class RateLimiter:
     ``backend.rateLimit.plugin``.
     """
 
-    def __init__(self, settings: RateLimitSettings, store: Store | None = None) -> None:
-        self.settings = settings
-        self.store = store if store is not None else make_store(settings.store)
+    def __init__(self, spec: StoreSpec | None = None, store: Store | None = None) -> None:
+        self.spec = spec if spec is not None else StoreSpec()
+        self.store = store if store is not None else make_store(self.spec)
         self.stats: dict[tuple[str, str, str], int] = {}
+
+    # -- what the gateway calls -------------------------------------------------------------
+    async def check_head(self, settings: RateLimitSettings, plugin_id: str | None, ip: str,
+                         peer: str) -> LimitOutcome:
+        """Backstage's limiters, before anything else is decided: the global one (every
+        request), then the plugin's (``plugin_id``: an installed plugin the target is under)."""
+        outcome = LimitOutcome()
+        if settings.global_limit is not None:
+            await self.check_backstage(settings.global_limit, ip, peer, outcome)
+        if not outcome.refused and plugin_id is not None:
+            limit = settings.plugin_limits.get(plugin_id)
+            if limit is not None:
+                await self.check_backstage(limit, ip, peer, outcome)
+        return outcome
+
+    async def check_policy(self, settings: RateLimitSettings, rules: Sequence[RateLimitRule],
+                           principal_subject: str | None, ip: str, headers: dict[str, str],
+                           outcome: LimitOutcome, peek: bool = False) -> None:
+        """The policy's rules for a routed request (``principal_subject`` None on an
+        unauthenticated route: the client IP counts instead)."""
+        if not rules:
+            return
+        subjects = [rule_subject(rule, principal_subject, ip, headers) for rule in rules]
+        await self.check_rules(rules, subjects, outcome, peek=peek,
+                               pass_on_store_error=settings.policy_pass_on_store_error(
+                                   rules[0].plugin_id))
 
     def count(self, plugin: str, rule: str, outcome: str) -> None:
         key = (plugin, rule, outcome)
@@ -668,6 +731,19 @@ class RateLimiter:
 
     async def close(self) -> None:
         await self.store.close()
+
+    def inherit_stats(self, old: RateLimiter) -> None:
+        """Counters never go down: a limiter replaced by a reload hands its counts on."""
+        for key, value in old.stats.items():
+            self.stats[key] = self.stats.get(key, 0) + value
+
+    def close_later(self, delay: float = 30.0) -> None:
+        """Close the store once requests in flight are done with it (on the running loop)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        loop.call_later(delay, lambda: loop.create_task(self.close()))
 
     # -- Backstage's limiter ----------------------------------------------------------------
     async def check_backstage(self, limit: BackstageLimit, ip: str, peer: str,
@@ -734,15 +810,16 @@ class RateLimiter:
 
     # -- policy rules -----------------------------------------------------------------------
     async def check_rules(self, rules: Sequence[RateLimitRule], subjects: Sequence[str],
-                          outcome: LimitOutcome, peek: bool = False) -> None:
+                          outcome: LimitOutcome, peek: bool = False,
+                          pass_on_store_error: bool = False) -> None:
         """Every rule counts the request (``peek``: only look); a refusing enforced rule
-        makes the answer 429. Store errors follow ``passOnStoreError`` of Backstage's limiter
-        for the plugin (or the global one), else 503."""
+        makes the answer 429. A store error lets the request through with
+        ``pass_on_store_error``, else answers 503."""
         policies: list[str] = []
         states: list[str] = []
         limited: float | None = None
         for rule, subject in zip(rules, subjects, strict=True):
-            key = f"{self.settings.store.prefix}{rule.plugin_id}:{rule.name}:{subject}"
+            key = f"{self.spec.prefix}{rule.plugin_id}:{rule.name}:{subject}"
             try:
                 result = await self.store.gcra(key, rule.interval_ms, rule.burst,
                                                commit=not peek)
@@ -752,7 +829,7 @@ class RateLimiter:
                                          f"{subject}: store unavailable ({exc})")
                     continue
                 self.count(rule.plugin_id, rule.name, "store_error")
-                if self.pass_on_store_error(rule.plugin_id):
+                if pass_on_store_error:
                     log.warning("rate limit store error (%s %s): %s; passOnStoreError lets "
                                 "the request through", rule.plugin_id, rule.name, exc)
                     outcome.notes.append(f"rate limit {rule.name}: store error, "
@@ -797,6 +874,27 @@ class RateLimiter:
             outcome.headers.append(("Retry-After", str(int(limited))))
             outcome.error = ApiError(429, BACKSTAGE_MESSAGE, name="Error")
 
-    def pass_on_store_error(self, plugin_id: str) -> bool:
-        limit = self.settings.plugin_limits.get(plugin_id) or self.settings.global_limit
-        return limit.pass_on_store_error if limit is not None else False
+
+def describe_backstage_limit(limit: BackstageLimit) -> str:
+    """One line for ``explain``: what a Backstage limiter does (it keys by client IP, which
+    an explanation does not have: nothing is read or counted)."""
+    flags = [name for name, on in (("skipSuccessfulRequests", limit.skip_successful),
+                                   ("skipFailedRequests", limit.skip_failed),
+                                   ("passOnStoreError", limit.pass_on_store_error)) if on]
+    return (f"{limit.config_key}: {limit.limit} per {_seconds_text(limit.window_ms / 1000)} "
+            f"per client IP (fixed window; ipAllowList: {', '.join(limit.ip_allow_list) or '-'}"
+            + (f"; {', '.join(flags)}" if flags else "") + "): counts every request"
+            + ("" if limit.scope == "global" else f" under /api/{limit.scope}"))
+
+
+def render_refusal(outcome: LimitOutcome, method: str, url: str,
+                   ) -> tuple[int, bytes, list[tuple[str, str]]]:
+    """Status, body and headers of a refused request: Backstage's limiter body byte for byte
+    for its keys; the usual stagedoor error body (with ``request``) for policy limits and
+    store errors. The outcome's rate-limit headers are included."""
+    assert outcome.error is not None
+    if outcome.backstage_body:
+        return 429, backstage_429_body(), [("Content-Type", JSON_CONTENT_TYPE), *outcome.headers]
+    status, body, headers = render_error(outcome.error, method, url)
+    names = {name.lower() for name, _ in headers}
+    return status, body, headers + [h for h in outcome.headers if h[0].lower() not in names]

@@ -22,6 +22,7 @@ from .logsetup import LOG_FORMATS, parse_level
 from .openapi import ServedDocuments
 from .permissions import Authorizer
 from .policy import PolicySet, load_policies, parse_duration, policy_files
+from .ratelimit import RateLimiter, RateLimitSettings
 from .signing import Signer, SigningSettings
 from .tokens import AuthSettings, TokenVerifier
 
@@ -204,6 +205,10 @@ class State:
     #: ``stagedoor.securityHeaders`` as (lowercase name, name, value) bytes, encoded once.
     security_fields: SecurityFields
     fingerprint: str = ""  # input_fingerprint() of the files, taken before reading them
+    ratelimit: RateLimitSettings = field(default_factory=RateLimitSettings)
+    #: Holds the rate-limit store chosen at load; carried over while the store settings are
+    #: equal, so counts (in-process) and connections (Redis) survive reloads.
+    limiter: RateLimiter = field(default_factory=RateLimiter)
     #: The plugins' signing keys (kept across reloads while their settings are equal).
     signer: Signer = field(default_factory=Signer)
     #: Each forwarding route's identity mutator, by ``id(route)`` (see :meth:`identity_for`).
@@ -259,9 +264,15 @@ def load_state(config_files: Sequence[str], policy_dir: str,
         verifier = TokenVerifier(auth)
     security = tuple((encode_header(name.lower()), encode_header(name), encode_header(value))
                      for name, value in settings.security_headers.items())
+    ratelimit = RateLimitSettings.from_config(config)
+    if previous is not None and previous.limiter.spec == ratelimit.store:
+        limiter = previous.limiter
+    else:
+        limiter = RateLimiter(ratelimit.store)
     return State(config, settings, operations, policies, auth, verifier, authorizer, inputs,
-                 ServedDocuments.build(policies, config), security, fingerprint, signer,
-                 identities, default_identity)
+                 ServedDocuments.build(policies, config), security, fingerprint,
+                 ratelimit=ratelimit, limiter=limiter, signer=signer, identities=identities,
+                 default_identity=default_identity)
 
 
 def _identities(policies: PolicySet, signer: Signer,
@@ -352,6 +363,9 @@ class Runtime:
         if old.operations.watch != state.operations.watch:
             restart += ("stagedoor.reload.watch",)
         self.state = state  # -- the swap --
+        if state.limiter is not old.limiter:  # another store: counts move on, old one closes
+            state.limiter.inherit_stats(old.limiter)
+            old.limiter.close_later()
         verifier_replaced = state.verifier is not old.verifier
         if verifier_replaced:
             for name, value in old.verifier.stats.items():

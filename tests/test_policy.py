@@ -57,8 +57,8 @@ def test_unknown_key_reported_with_line(tmp_path):
     text = GOOD.replace("    methods: [GET]\n", "    methods: [GET]\n    metods: [POST]\n")
     found = problems(tmp_path, text)
     assert any(p.endswith(":8: unknown key 'metods' in route (allowed: auth, description, "
-                          "enforce, method, methods, params, path, permission, resource, "
-                          "respond, timeout, upstream)")
+                          "enforce, method, methods, params, path, permission, rateLimit, "
+                          "resource, respond, timeout, upstream)")
                for p in found), found
 
 
@@ -132,3 +132,27 @@ def test_hidden_files_and_configmap_dirs_are_skipped(tmp_path):
                                                ("2m", 120.0)])
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
+
+
+def test_rate_limit_rules_on_plugin_and_route(tmp_path):
+    text = GOOD.replace("routes:\n", "rateLimit: {limit: 10, window: 1m}\nroutes:\n", 1).replace(
+        "    methods: [GET]\n", "    methods: [GET]\n    rateLimit: [{key: ip, limit: 2, "
+        "window: 1h, name: by-ip}]\n", 1)
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    policies = load_policies(tmp_path, CONFIG)
+    [plugin] = policies.plugins.values()
+    route = next(r for r in plugin.routes if r.rate_limits)
+    assert [(r.name, r.limit, r.window) for r in plugin.rate_limits] == [("plugin#1", 10, 60)]
+    assert [(r.name, r.key) for r in plugin.rate_limits_for(route)] == [("by-ip", "ip")]
+    other = next(r for r in plugin.routes if not r.rate_limits)
+    assert plugin.rate_limits_for(other) == plugin.rate_limits
+
+
+def test_rate_limit_problems_and_duplicate_names_have_lines(tmp_path):
+    text = GOOD.replace("routes:\n", "rateLimit: [{limit: 10, window: 1m, name: x}, "
+                                     "{limit: 0, window: 1m}, {limit: 1, window: 1m, name: x}]"
+                                     "\nroutes:\n", 1)
+    found = problems(tmp_path, text)
+    assert any("'limit' must be a whole number" in p for p in found), found
+    assert any("name 'x' is already used" in p for p in found), found

@@ -291,7 +291,7 @@ def test_memory_store_stays_within_its_bound() -> None:
 def test_backstage_limiter_counts_sets_headers_and_refuses() -> None:
     limit = BackstageLimit("global", "backend.rateLimit", window_ms=60_000, limit=2,
                            ip_allow_list=("10.9.9.9",))
-    limiter = RateLimiter(RateLimitSettings(global_limit=limit))
+    limiter = RateLimiter()
 
     async def hit(ip: str) -> LimitOutcome:
         outcome = LimitOutcome()
@@ -323,7 +323,7 @@ def test_backstage_429_body_has_no_request_member() -> None:
 def test_skip_failed_requests_undoes_hits_of_failed_answers() -> None:
     limit = BackstageLimit("insights", "backend.rateLimit.plugin.insights", limit=1,
                            skip_failed=True)
-    limiter = RateLimiter(RateLimitSettings(plugin_limits={"insights": limit}))
+    limiter = RateLimiter()
 
     async def run() -> list[bool]:
         refused = []
@@ -337,7 +337,7 @@ def test_skip_failed_requests_undoes_hits_of_failed_answers() -> None:
 
 
 def test_policy_rules_refuse_dry_run_and_send_ietf_fields() -> None:
-    limiter = RateLimiter(RateLimitSettings())
+    limiter = RateLimiter()
     enforced = rule(limit=2, window=60, name="per-user")
     shadow = rule(limit=1, window=60, enforce=False, name="shadow")
 
@@ -360,7 +360,7 @@ def test_policy_rules_refuse_dry_run_and_send_ietf_fields() -> None:
 
 
 def test_peek_shows_the_limit_without_consuming_it() -> None:
-    limiter = RateLimiter(RateLimitSettings())
+    limiter = RateLimiter()
     one = rule(limit=1, window=60)
 
     async def run() -> tuple[LimitOutcome, LimitOutcome]:
@@ -448,12 +448,12 @@ def test_redis_unreachable_store_error_modes() -> None:
 
         async def run(limit: BackstageLimit = limit,
                       settings: RateLimitSettings = settings) -> tuple[LimitOutcome, LimitOutcome]:
-            limiter = RateLimiter(settings, RedisStore(url, timeout=0.5))
+            limiter = RateLimiter(store=RedisStore(url, timeout=0.5))
             try:
-                outcome = LimitOutcome()
-                await limiter.check_backstage(limit, "192.0.2.1", "192.0.2.1", outcome)
+                outcome = await limiter.check_head(settings, None, "192.0.2.1", "192.0.2.1")
                 rules = LimitOutcome()
-                await limiter.check_rules([rule()], ["user:default/jane"], rules)
+                await limiter.check_policy(settings, [rule()], "user:default/jane",
+                                           "192.0.2.1", {}, rules)
                 return outcome, rules
             finally:
                 await limiter.close()
