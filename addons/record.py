@@ -39,6 +39,9 @@ class FlowRecord:
     #: (limiter, LimitOutcome) when a rate limit looked at it (addons/ratelimit.py)
     ratelimit: tuple[Any, Any] | None = None
     ratelimit_settled: bool = False
+    #: The upstream response whose head the gateway already finished (responseheaders), so the
+    #: response hook does not redo it.
+    finished_head: object | None = None
 
     def decided(self, decision: Decision) -> None:
         self.decision = decision
