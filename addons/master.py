@@ -8,7 +8,6 @@ plus ours, which roughly doubles throughput (docs/mitmproxy.md).
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +16,7 @@ from mitmproxy import master, options
 from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
 
 from stagedoor import outbound
+from stagedoor.gcfreeze import freeze_loaded
 from stagedoor.runtime import Runtime
 
 from . import lean
@@ -52,11 +52,8 @@ class ReadyAnnouncer:
         from mitmproxy import ctx
 
         # What is loaded by now (policies and their compiled routes, mitmproxy, the certificate
-        # store) lives as long as the process: keep it out of the collector's full passes, which
-        # otherwise walk every route object on the hot path (~190 ms per pass with 10,000 routes,
-        # measured). Acyclic, so a reload still frees the old policies by reference counting.
-        gc.collect()
-        gc.freeze()
+        # store): out of the collector's full passes (stagedoor/gcfreeze.py; again on reload).
+        freeze_loaded()
         server = ctx.master.addons.get("proxyserver")
         addrs = [(a[0], a[1]) for a in server.listen_addrs()] if server else []
         if self.on_ready is not None:

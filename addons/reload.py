@@ -30,6 +30,7 @@ from typing import Any
 from watchfiles import Change, awatch
 
 from stagedoor.config import ConfigError
+from stagedoor.gcfreeze import freeze_loaded
 from stagedoor.logsetup import configure_logging
 from stagedoor.policy import PolicyLoadError, PolicyProblem, policy_files
 from stagedoor.runtime import Runtime, State, input_fingerprint, load_state
@@ -175,6 +176,7 @@ class Reloader:
         old_ops = runtime.state.operations
         report = runtime.apply(state)
         self._refused = None
+        freeze_loaded(reload=True)  # the new policies out of the collector's full passes
         ops = state.operations
         if (ops.log_level, ops.log_format) != (old_ops.log_level, old_ops.log_format):
             configure_logging(ops.log_level, ops.log_format)

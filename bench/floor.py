@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import signal
 import sys
 
@@ -23,14 +22,14 @@ from mitmproxy.addons import core, errorcheck, next_layer, proxyserver
 from addons import lean
 from addons.master import PolicyOnlyTlsConfig, proxy_options
 from stagedoor import eventloop
+from stagedoor.gcfreeze import freeze_loaded
 
 
 class _Ready:
     def running(self) -> None:
         from mitmproxy import ctx
 
-        gc.collect()
-        gc.freeze()  # as addons/master.py does once the proxy runs
+        freeze_loaded()  # as addons/master.py does once the proxy runs
         server = ctx.master.addons.get("proxyserver")
         for host, port, *_ in server.listen_addrs():
             print(f"floor listening on http://{host}:{port}", file=sys.stderr, flush=True)
