@@ -54,6 +54,8 @@ LEGACY_SUBJECT = "reference-legacy-client"
 #: The key id of the auth backend's user-token signing key (``app-config.static-keys.yaml``).
 USER_KEY_ID = "reference-static-key-1"
 GUEST_USER = "user:development/guest"
+#: A group the auth backend says the guest belongs to (only /v1/userinfo tells: not the token).
+GUEST_GROUP = "group:default/insights-team"
 
 
 class BackstageUnavailable(RuntimeError):

@@ -5,7 +5,13 @@ from __future__ import annotations
 import jwt
 import pytest
 
-from tests.backstage import GUEST_USER, STATIC_SUBJECT, STATIC_TOKEN, SessionBackstage
+from tests.backstage import (
+    GUEST_GROUP,
+    GUEST_USER,
+    STATIC_SUBJECT,
+    STATIC_TOKEN,
+    SessionBackstage,
+)
 
 pytestmark = pytest.mark.backstage
 
@@ -28,8 +34,10 @@ def test_guest_user_token_is_a_real_backstage_user_token(backstage: SessionBacks
     who = backstage.whoami(token)
     assert who.status_code == 200, who.text
     assert who.json()["principal"]["userEntityRef"] == GUEST_USER
+    assert "ent" not in jwt.decode(token, options={"verify_signature": False})
     info = backstage.userinfo(token)
-    assert info.json() == {"claims": {"sub": GUEST_USER, "ent": [GUEST_USER]}}
+    assert info.json() == {"claims": {"sub": GUEST_USER,
+                                      "ent": [GUEST_USER, GUEST_GROUP]}}
 
 
 def test_plugin_and_static_tokens_are_service_principals(backstage: SessionBackstage) -> None:
