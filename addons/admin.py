@@ -84,6 +84,25 @@ class _StateCollector(Collector):
                                  ("unreachable", "unreachable")):
                 asked.add_metric([outcome], state.authorizer.stats.get(key, 0))
             yield asked
+            userinfo = state.authorizer.userinfo
+            if userinfo is not None:
+                lookups = CounterMetricFamily(
+                    "stagedoor_userinfo_lookups",
+                    "Group membership from the auth backend's /v1/userinfo, by outcome "
+                    "(lookup: a request to the auth backend; cache_hit: answered from the "
+                    "per-token cache; failure: the auth backend could not answer, so the "
+                    "request got 503)", labels=["outcome"])
+                for outcome, key in (("lookup", "lookups"), ("cache_hit", "cache_hits"),
+                                     ("failure", "failures")):
+                    lookups.add_metric([outcome], userinfo.stats.get(key, 0))
+                yield lookups
+        signer = state.signer
+        rotations = CounterMetricFamily("stagedoor_signing_key_rotations",
+                                        "Signing keys replaced on schedule, by plugin",
+                                        labels=["plugin"])
+        for plugin_id, ring in sorted(signer.rings.items()):
+            rotations.add_metric([plugin_id], ring.rotations)
+        yield rotations
         limits = CounterMetricFamily(
             "stagedoor_ratelimit_decisions",
             "Rate limit checks by plugin, rule and outcome (allowed, limited, dry_run: an "

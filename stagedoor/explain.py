@@ -1,7 +1,9 @@
 """``stagedoor explain``: run the proxy's own decision code on one request and show every step.
 
 Nothing is sent upstream. With ``--token`` the token is verified for real (key sets are
-fetched as the proxy would); ``--user``/``--service`` stand in for a verified principal.
+fetched, group membership looked up, as the proxy would); ``--user``/``--service`` stand in
+for a verified principal (with no real token, membership comes only from the static map).
+The trace names the membership source that answered and what identity the upstream would get.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ async def _explain(request: GatewayRequest, state: State,
                    stand_in: _StandInVerifier | None) -> Decision:
     decision = await resolve(request, state, explain=True, verifier=stand_in)
     steps = await limit_trace(state, decision)
+    if isinstance(decision, Forward):  # what the upstream would learn of the caller
+        steps.append(("identity", state.identity_for(decision.route).describe()))
     return dataclasses.replace(decision, context=dataclasses.replace(
         decision.context, trace=decision.trace + tuple(steps)))
 

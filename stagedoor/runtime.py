@@ -246,7 +246,7 @@ def load_state(config_files: Sequence[str], policy_dir: str,
     if previous is not None and previous.signer.settings == signing:
         signer = previous.signer  # same keys: tokens already out stay valid
     else:
-        signer = Signer(signing)
+        signer = Signer.from_environment(signing)
     signer.prepare(sorted(policies.plugins))
     permission_url = _permission_base_url(auth)
     auth_url = _base_url(auth, "auth")

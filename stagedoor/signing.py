@@ -4,10 +4,12 @@ A Backstage plugin signs the tokens it sends (plugin tokens to other plugins) wi
 own and publishes the public half at ``/api/<pluginId>/.backstage/auth/v1/jwks.json``, where the
 receiving plugin finds it through discovery. stagedoor does the same for each plugin it serves:
 
-- **generated** (default, Backstage's ``database`` key store): an ES256 key per plugin, made at
-  start and replaced every ``stagedoor.signing.keyDuration`` (default ``1h``, as in Backstage).
-  A token lives at most one key duration, so a replaced key stays published for one more key
-  duration (until every token it signed has expired), then disappears.
+- **generated** (default, Backstage's ``database`` key store): an ES256 key per plugin, replaced
+  every ``stagedoor.signing.keyDuration`` (default ``1h``, as in Backstage). A token lives at
+  most one key duration, so a replaced key stays published for one more key duration (until
+  every token it signed has expired), then disappears. Keys are derived from a random seed
+  made at start (:class:`Seed`); the workers of ``run --workers N`` get the supervisor's seed
+  and so publish and sign with the same keys.
 - **static** (Backstage's ``backend.auth.pluginKeyStore: {type: static}``): key pairs read from
   PEM files (a Kubernetes Secret mounted into every replica, so replicas share them). The first
   key signs; every listed key is published. Rotating means listing a new key first and keeping
@@ -23,8 +25,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
+import os
 import re
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -197,60 +202,104 @@ def _load_static(spec: StaticKeyFile) -> SigningKey:
                       float("inf"))
 
 
+#: Environment variable carrying the key seed from a ``--workers`` supervisor to its workers.
+SEED_ENV = "STAGEDOOR_SIGNING_SEED"
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+@dataclass(frozen=True, slots=True)
+class Seed:
+    """Where generated keys come from: key *e* of a plugin is derived from the secret, the
+    plugin id and the epoch number *e* (``floor(time / keyDuration)``). Processes sharing a
+    seed (the workers of one ``--workers N`` supervisor) hold the same keys and rotate them at
+    the same moments. ``since``: when the seed was made (no key before it ever signed)."""
+
+    secret: bytes
+    since: float
+
+    @classmethod
+    def new(cls, now: float | None = None) -> Seed:
+        return cls(secrets.token_bytes(32), time.time() if now is None else now)
+
+    def encode(self) -> str:
+        return f"{self.secret.hex()}:{self.since:.0f}"
+
+    @classmethod
+    def decode(cls, text: str) -> Seed:
+        secret, _, since = text.partition(":")
+        value = bytes.fromhex(secret)
+        if len(value) < 16:
+            raise ValueError("seed too short")
+        return cls(value, float(since or 0))
+
+    def derive(self, label: str) -> bytes:
+        return hmac.new(self.secret, label.encode(), hashlib.sha512).digest()
+
+
 class KeyRing:
     """One plugin's signing keys: the current one and those still published."""
 
     def __init__(self, plugin_id: str, settings: SigningSettings,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, seed: Seed | None = None) -> None:
         self.plugin_id = plugin_id
         self.settings = settings
         self.clock = clock
-        self._keys: list[SigningKey] = []  # newest first
+        self.seed = seed if seed is not None else Seed.new(clock())
+        self._static: list[SigningKey] = [_load_static(spec) for spec in settings.static_keys]
+        self._derived: dict[int, SigningKey] = {}
         self._jwks: tuple[tuple[str, ...], bytes] | None = None
+        self._epoch: int | None = None
         self.rotations = 0
-        if settings.static_keys:
-            self._keys = [_load_static(spec) for spec in settings.static_keys]
-        else:
-            self._generate(clock())
+        self.current()
 
-    def _generate(self, now: float) -> SigningKey:
-        duration = self.settings.key_duration
-        private = ec.generate_private_key(ec.SECP256R1())
-        kid = str(uuid.uuid4())
-        key = SigningKey(kid, "ES256", private, public_jwk(private.public_key(), kid, "ES256"),
-                         now + duration, now + duration + self.settings.token_ttl)
-        self._keys.insert(0, key)
+    def _epoch_of(self, when: float) -> int:
+        return int(when // self.settings.key_duration)
+
+    def _derive(self, epoch: int) -> SigningKey:
+        key = self._derived.get(epoch)
+        if key is None:
+            label = f"stagedoor-plugin-key:{self.plugin_id}:{epoch}"
+            scalar = int.from_bytes(self.seed.derive(label), "big") % (_P256_ORDER - 1) + 1
+            private = ec.derive_private_key(scalar, ec.SECP256R1())
+            kid = str(uuid.UUID(bytes=self.seed.derive("kid:" + label)[:16], version=4))
+            duration = self.settings.key_duration
+            signs_until = (epoch + 1) * duration
+            key = SigningKey(kid, "ES256", private, public_jwk(private.public_key(), kid, "ES256"),
+                             signs_until, signs_until + self.settings.token_ttl)
+            self._derived[epoch] = key
         return key
-
-    def _expire(self, now: float) -> None:
-        self._keys = [k for k in self._keys if k.published_until > now]
 
     def current(self) -> SigningKey:
-        """The key to sign with now (a new one when the current one's time is up)."""
-        now = self.clock()
-        key = self._keys[0] if self._keys else None
-        if key is None or key.signs_until <= now:
-            key = self._generate(now)
-            self.rotations += 1
-        self._expire(now)
-        return key
-
-    def rotate(self) -> SigningKey:
-        """Start signing with a new key now; the old one stays published while its tokens
-        live (generated keys only; static keys rotate through the files)."""
-        if self.settings.static_keys:
-            raise ValueError("static signing keys rotate through backend.auth.pluginKeyStore")
-        now = self.clock()
-        old = self._keys[0]
-        self._keys[0] = SigningKey(old.kid, old.alg, old.private_key, old.jwk, now,
-                                   now + self.settings.token_ttl)
-        self.rotations += 1
-        return self._generate(now)
+        """The key to sign with now (a new one each key duration)."""
+        if self._static:
+            return self._static[0]
+        epoch = self._epoch_of(self.clock())
+        if self._epoch != epoch:
+            if self._epoch is not None:
+                self.rotations += 1
+            self._epoch = epoch
+            for old in [e for e in self._derived if self._derived[e].published_until
+                        <= self.clock()]:
+                del self._derived[old]
+        return self._derive(epoch)
 
     def published(self) -> list[SigningKey]:
+        """Newest first: the current key and every earlier one (since the seed was made)
+        whose tokens may still be alive."""
+        if self._static:
+            return list(self._static)
         now = self.clock()
-        self.current()  # rotates and expires on schedule
-        return [k for k in self._keys if k.published_until > now]
+        current = self.current()
+        out = [current]
+        epoch = self._epoch_of(now) - 1
+        first = self._epoch_of(self.seed.since)
+        while epoch >= first:
+            key = self._derive(epoch)
+            if key.published_until <= now:
+                break
+            out.append(key)
+            epoch -= 1
+        return out
 
     def jwks_document(self) -> bytes:
         """The JWKS as a Backstage backend serves it (``res.json({keys})``)."""
@@ -276,12 +325,31 @@ class Signer:
 
     settings: SigningSettings = field(default_factory=SigningSettings)
     clock: Callable[[], float] = time.time
+    seed: Seed | None = None  # None: a new one (this process's own keys)
     rings: dict[str, KeyRing] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.seed is None:
+            self.seed = Seed.new(self.clock())
+
+    @classmethod
+    def from_environment(cls, settings: SigningSettings) -> Signer:
+        """With ``STAGEDOOR_SIGNING_SEED`` (set by a ``--workers`` supervisor): the keys every
+        worker shares; else keys of this process alone."""
+        text = os.environ.get(SEED_ENV)
+        seed = None
+        if text:
+            try:
+                seed = Seed.decode(text)
+            except ValueError as exc:
+                raise ConfigError(f"Invalid {SEED_ENV}: {exc}") from None
+        return cls(settings, seed=seed)
 
     def ring(self, plugin_id: str) -> KeyRing:
         ring = self.rings.get(plugin_id)
         if ring is None:
-            ring = self.rings[plugin_id] = KeyRing(plugin_id, self.settings, self.clock)
+            ring = self.rings[plugin_id] = KeyRing(plugin_id, self.settings, self.clock,
+                                                   self.seed)
         return ring
 
     def prepare(self, plugin_ids: list[str]) -> None:

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .eventloop import ReusePortSelectorLoop, choose
+from .signing import SEED_ENV, Seed
 
 log = logging.getLogger("stagedoor")
 
@@ -375,6 +376,8 @@ def supervise(argv: Sequence[str], count: int, host: str, port: int,
                   exc.strerror or exc)
         return 1
     port = reserved[0].getsockname()[1]
+    # One signing-key seed for all workers: they publish and sign with the same plugin keys.
+    os.environ.setdefault(SEED_ENV, Seed.new().encode())
     supervisor = Supervisor(
         count, worker_command(argv, host, port, admin),
         on_ready=lambda pids: on_ready(host, port, pids),

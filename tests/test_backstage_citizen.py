@@ -45,6 +45,9 @@ class AuthRelay(LoopbackServer):
         self.down = False  # True: every connection is dropped without an answer
         super().__init__(_RelayHandler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # dropped connections are the point, not news
+
 
 class _RelayHandler(BaseHTTPRequestHandler):
     server: AuthRelay

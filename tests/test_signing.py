@@ -20,7 +20,7 @@ from stagedoor.minting import (
     limited_user_token,
     plugin_token,
 )
-from stagedoor.signing import KeyRing, Signer, SigningSettings, jwks_plugin
+from stagedoor.signing import KeyRing, Seed, Signer, SigningSettings, jwks_plugin
 
 
 class Clock:
@@ -54,34 +54,41 @@ def test_jwks_document_has_backstage_member_order_and_compact_json() -> None:
 
 
 def test_generated_key_rotates_and_old_key_stays_published_while_its_tokens_live() -> None:
-    clock = Clock()
+    clock = Clock(1_800_000_000.0)  # a multiple of 600: an epoch starts here
     ring = KeyRing("insights", SigningSettings(key_duration=600), clock)
     first = ring.current().kid
     token = plugin_token(ring, "catalog")
     claims = jwt.decode(token, options={"verify_signature": False})
     assert claims["exp"] - claims["iat"] == 600
+    assert [k.kid for k in ring.published()] == [first]  # nothing before the seed was made
     clock.now += 599
     assert ring.current().kid == first
-    clock.now += 2  # the first key's signing time is over
+    clock.now += 1  # the first key's signing time is over
     second = ring.current().kid
-    assert second != first
+    assert second != first and ring.rotations == 1
     assert [k.kid for k in ring.published()] == [second, first]
     assert _verify(token, ring, "catalog", clock.now)["sub"] == "insights"
-    clock.now += 599  # every token the first key signed has expired (t0 + 2 x 600)
-    assert [k.kid for k in ring.published()] == [second]
+    clock.now += 599  # the last token the first key signed expires at t0 + 2 x 600
+    assert [k.kid for k in ring.published()] == [second, first]
+    clock.now += 1
+    assert first not in [k.kid for k in ring.published()]
     assert first not in ring.jwks_document().decode()
 
 
-def test_forced_rotation_keeps_the_old_key_for_one_token_lifetime() -> None:
+def test_workers_sharing_a_seed_sign_and_publish_the_same_keys() -> None:
     clock = Clock()
-    ring = KeyRing("insights", SigningSettings(key_duration=300), clock)
-    old = ring.current().kid
-    new = ring.rotate().kid
-    assert ring.current().kid == new
-    assert {k.kid for k in ring.published()} == {old, new}
-    clock.now += 300
-    published = {k.kid for k in ring.published()}
-    assert old not in published and new in published
+    seed = Seed.new(clock.now)
+    one = Signer(SigningSettings(key_duration=600), clock, Seed.decode(seed.encode()))
+    two = Signer(SigningSettings(key_duration=600), clock, seed)
+    assert one.ring("insights").jwks_document() == two.ring("insights").jwks_document()
+    token = plugin_token(one.ring("insights"), "catalog")
+    assert _verify(token, two.ring("insights"), "catalog", clock.now)["sub"] == "insights"
+    clock.now += 600
+    assert one.ring("insights").current().kid == two.ring("insights").current().kid
+    # other plugins, other keys; another seed, other keys
+    assert one.ring("other").current().kid != one.ring("insights").current().kid
+    assert Signer(SigningSettings(), clock).ring("insights").current().kid != \
+        one.ring("insights").current().kid
 
 
 def test_plugin_token_matches_backstage_layout() -> None:
