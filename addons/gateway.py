@@ -288,6 +288,8 @@ class Gateway:
     def response(self, flow: http.HTTPFlow) -> None:
         self._cancel_timer(flow)
         record = record_of(flow.metadata)
+        assert flow.response is not None
+        ratelimit.settle(record, flow.response.status_code)  # skip*Requests, once the status is in
         if record is not None and record.finished_head is flow.response:
             # The same upstream answer whose head responseheaders finished: nothing changed it
             # since (the body was read), so only the HEAD rule is left.
@@ -295,8 +297,6 @@ class Gateway:
                 flow.response.raw_content = b""
             return
         self._finish_head(flow)
-        assert flow.response is not None
-        ratelimit.settle(record_of(flow.metadata), flow.response.status_code)
 
     def _finish_head(self, flow: http.HTTPFlow) -> None:
         resp = flow.response

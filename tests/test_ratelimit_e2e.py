@@ -289,3 +289,20 @@ def test_explain_shows_the_limit_without_consuming_it(fleet: Fleet, redis_server
         assert "per-principal" in out.stdout and "10 per 1h by principal" in out.stdout
         assert "would be allowed (9 left after it)" in out.stdout
     assert redis_server.command("KEYS", "*").startswith(b"*0")  # nothing was counted
+
+
+def test_skip_successful_requests_gives_back_forwarded_successes(fleet: Fleet) -> None:
+    sidecar = fleet.start("a", """\
+            backend:
+              rateLimit:
+                global: false
+                plugin:
+                  limited: {incomingRequestLimit: 2, ipAllowList: [], skipSuccessfulRequests: true}
+            """)
+    jane = fleet.token("user:default/jane")
+    # forwarded 200s give their hit back: never limited
+    assert [get(sidecar, "/api/limited/items/x", jane).status for _ in range(4)] == [200] * 4
+    # failures count: two 401s fill the window, then even a good request is refused
+    assert [get(sidecar, "/api/limited/items/x").status for _ in range(2)] == [401, 401]
+    refused = get(sidecar, "/api/limited/items/x", jane)
+    assert refused.status == 429 and refused.json() == BACKSTAGE_429
