@@ -64,6 +64,8 @@ class Config:
     data: dict[str, Any] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)
     files: tuple[str, ...] = ()
+    #: key path -> the environment variables it reads that are not set (why it has no value).
+    unset_env: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     # -- reading -------------------------------------------------------------------------------
     def _lookup(self, key: str) -> Any:
@@ -172,6 +174,25 @@ def _substituted(value: Any, env: Mapping[str, str], budget: list[int] | None = 
     return value
 
 
+def unset_references(value: Any, env: Mapping[str, str], prefix: str = "",
+                     found: dict[str, tuple[str, ...]] | None = None
+                     ) -> dict[str, tuple[str, ...]]:
+    """Key path -> names of the ``${VAR}`` it references that ``env`` does not set."""
+    found = {} if found is None else found
+    if isinstance(value, str):
+        names = tuple(name.strip() for escaped, name in _ENV_REF.findall(value)
+                      if not escaped and name.strip() not in env)
+        if names:
+            found[prefix] = names
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            unset_references(item, env, f"{prefix}[{index}]", found)
+    elif isinstance(value, dict):
+        for key, child in value.items():
+            unset_references(child, env, f"{prefix}.{key}" if prefix else str(key), found)
+    return found
+
+
 def _merge(target: dict[str, Any], overlay: dict[str, Any], origins: dict[str, str],
            file: str, prefix: str = "") -> None:
     for key, value in overlay.items():
@@ -224,4 +245,7 @@ def load_config(files: list[str | Path], env: Mapping[str, str] | None = None) -
         except ConfigError as exc:
             raise ConfigError(f"{name}: {exc}") from None
         _merge(config.data, substituted, config.origins, name)
+        config.unset_env.update(unset_references(loaded, environ))
+    # A key another file gave a value after all is not missing.
+    config.unset_env = {k: v for k, v in config.unset_env.items() if not config.has(k)}
     return config
