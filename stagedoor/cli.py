@@ -70,19 +70,34 @@ def _fail(message: str) -> int:
 
 
 # -- check -----------------------------------------------------------------------------------------
+def _print_problems(config_files: list[str], problems: list[str], prefix: str) -> None:
+    """One line per problem and, when unset environment variables are why values are
+    missing, which ones to set."""
+    from .diagnose import env_hint
+
+    for line in problems:
+        print(f"{prefix}{line}", file=sys.stderr)
+    hint = env_hint(config_files, problems)
+    if hint:
+        print(f"{prefix}hint: set the environment variable(s) {hint}", file=sys.stderr)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
+    """Every missing config value and every policy problem in one run; exit 1 if any."""
+    from .diagnose import collect_problems
     from .runtime import load_state
 
-    problems: list[str] = []
-    try:  # exactly what `run` and a reload validate
-        policies = load_state(_config_files(args), args.policies).policies
-    except PolicyLoadError as exc:
-        problems.extend(str(p) for p in exc.problems)
-    except ConfigError as exc:
-        problems.append(str(exc))
+    files = _config_files(args)
+    problems = collect_problems(files, args.policies)
+    if not problems:
+        try:  # exactly what `run` and a reload validate
+            policies = load_state(files, args.policies).policies
+        except PolicyLoadError as exc:  # collect_problems would have seen it; just in case
+            problems = [str(p) for p in exc.problems]
+        except ConfigError as exc:
+            problems = [str(exc)]
     if problems:
-        for line in problems:
-            print(line, file=sys.stderr)
+        _print_problems(files, problems, "")
         print(f"stagedoor check: {len(problems)} problem(s)", file=sys.stderr)
         return 1
     print(f"ok: {len(policies.plugins)} plugin(s), {policies.route_count} route(s) "
@@ -92,6 +107,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 # -- run -------------------------------------------------------------------------------------------
 def _load_runtime(config_files: list[str], policy_dir: str):  # -> Runtime | None
+    """The runtime, or None after printing every problem (as ``check`` does)."""
     from .runtime import Runtime
     from .versions import mitmproxy_version_problem
 
@@ -102,10 +118,13 @@ def _load_runtime(config_files: list[str], policy_dir: str):  # -> Runtime | Non
     try:
         return Runtime.load(config_files, policy_dir)
     except PolicyLoadError as exc:
-        for problem in exc.problems:
-            print(f"stagedoor: {problem}", file=sys.stderr)
+        first = [str(p) for p in exc.problems]
     except ConfigError as exc:
-        print(f"stagedoor: {exc}", file=sys.stderr)
+        first = [str(exc)]
+    from .diagnose import collect_problems
+
+    _print_problems(config_files, collect_problems(config_files, policy_dir) or first,
+                    "stagedoor: ")
     return None
 
 
@@ -115,8 +134,63 @@ def _listen_from(args: argparse.Namespace, runtime) -> tuple[str, int]:
     return _parse_listen(runtime.state.config.get_string("stagedoor.listen", DEFAULT_LISTEN))
 
 
+def _start_dev_backend(args: argparse.Namespace, host: str, port: int, admin):
+    """``--dev``: refuse unless every listener is loopback, then serve the dev keys (the
+    demo's backend) on the listen port + 1; returns (backend, config layer) or an exit code."""
+    from .demo import DemoBackend
+    from .devkeys import generate_dev_keys
+    from .devmode import refusal, write_overlay
+
+    # An admin address from config (admin is True) is checked once the config is loaded.
+    why = refusal({"proxy": host, "admin": admin[0] if isinstance(admin, tuple) else None})
+    if why is None and args.workers > 1:
+        why = "--dev runs one process: leave out --workers"
+    if why:
+        return _fail(why)
+    keys = generate_dev_keys(Path(args.dev_dir))
+    dev_port = port + 1 if port else 0
+    try:
+        backend = DemoBackend(("127.0.0.1", dev_port), keys.user_jwks(), keys.plugin_jwks())
+    except OSError as exc:
+        return _fail(f"--dev: cannot serve the dev keys on 127.0.0.1:{dev_port} (the listen "
+                     f"port + 1): {exc.strerror}; is `./run.sh demo` or another --dev running?")
+    backend.start()
+    return backend, write_overlay(Path(args.dev_dir), backend.base_url)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    runtime = _load_runtime(_config_files(args), args.policies)
+    config_files = _config_files(args)
+    dev_backend = None
+    if args.dev:  # the listen address is known before the config only when given
+        try:
+            host, port = _parse_listen(args.listen) if args.listen else (None, None)
+            admin = _admin_address(args.admin)
+        except argparse.ArgumentTypeError as exc:
+            return _fail(str(exc))
+        if host is None:
+            from .config import load_config
+
+            try:
+                listen = load_config(config_files).get_string("stagedoor.listen",
+                                                              DEFAULT_LISTEN)
+                host, port = _parse_listen(listen or DEFAULT_LISTEN)
+            except (ConfigError, argparse.ArgumentTypeError) as exc:
+                return _fail(str(exc))
+        started = _start_dev_backend(args, host, port, admin)
+        if isinstance(started, int):
+            return started
+        dev_backend, overlay = started
+        config_files = [*config_files, str(overlay)]
+    try:
+        return _run(args, config_files, dev_backend)
+    finally:
+        if dev_backend is not None:
+            dev_backend.shutdown()
+            dev_backend.server_close()
+
+
+def _run(args: argparse.Namespace, config_files: list[str], dev_backend) -> int:
+    runtime = _load_runtime(config_files, args.policies)
     if runtime is None:
         return 1
     _setup_logging(runtime.state.operations.log_level, runtime.state.operations.log_format)
@@ -129,6 +203,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop = eventloop.choose(loop_setting)  # uvloop where installed (stagedoor/eventloop.py)
     except (argparse.ArgumentTypeError, eventloop.EventLoopError) as exc:
         return _fail(str(exc))
+    if dev_backend is not None:
+        from .devmode import banner, refusal
+
+        admin_addr = runtime.state.operations.admin_listen if admin is True else admin
+        why = refusal({"proxy": host, "admin": admin_addr[0] if admin_addr else None})
+        if why:
+            return _fail(why)
+        log.warning("%s", banner(dev_backend.base_url, Path(args.dev_dir)))
 
     def ready(addrs: list[tuple[str, int]]) -> None:
         where = ", ".join(f"http://{h}:{p}" for h, p in addrs)
@@ -316,12 +398,28 @@ def cmd_token(args: argparse.Namespace) -> int:
         else:
             base_url = "http://127.0.0.1:7008"
     if args.plugin:
+        if args.group:
+            return _fail("--group is for user tokens (a plugin token has no ownership refs)")
         print(mint_plugin_token(keys.plugin, subject_plugin=args.plugin,
                                 target_plugin=args.target, ttl=args.ttl))
     else:
         print(mint_user_token(keys.user, issuer=f"{base_url.rstrip('/')}/api/auth",
-                              subject=args.user, ttl=args.ttl))
+                              subject=args.user, ownership=_ownership(args.user, args.group),
+                              ttl=args.ttl))
     return 0
+
+
+def _ownership(user: str, groups: list[str] | None) -> list[str]:
+    """A user's ownership refs (the token's ``ent``): the user and its ``--group`` refs."""
+    return list(dict.fromkeys([user, *(groups or [])]))
+
+
+def _entity_ref(text: str) -> str:
+    kind, sep, rest = text.partition(":")
+    if not sep or not kind or not rest:
+        raise argparse.ArgumentTypeError(
+            f"wants an entity ref like group:default/payments, got {text!r}")
+    return text
 
 
 # -- explain ---------------------------------------------------------------------------------------
@@ -332,8 +430,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
     runtime = _load_runtime(_config_files(args), args.policies)
     if runtime is None:
         return 2
+    if args.group and not args.user:
+        print("stagedoor: --group needs --user (a --token carries its own ownership refs)",
+              file=sys.stderr)
+        return 2
     decision = explain(runtime.state, args.method, args.url, token=args.token, user=args.user,
-                       service=args.service)
+                       service=args.service,
+                       groups=tuple(_ownership(args.user, args.group)) if args.group else ())
     print(render(decision, args.method, args.url))
     return 0 if decision.allowed else 1
 
@@ -389,6 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=_worker_count, default=1, metavar="N",
                      help="N processes sharing the listening port (SO_REUSEPORT), supervised; "
                           "worker i's admin listener is on the admin port + i (default: 1)")
+    run.add_argument("--dev", action="store_true",
+                     help="trust the demo's dev keys (./run.sh token) instead of a Backstage "
+                          "backend, served on the listen port + 1; loopback listeners only")
+    run.add_argument("--dev-dir", default=str(DEV_DIR), help=argparse.SUPPRESS)
     run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     run.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
@@ -422,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     explain = sub.add_parser("explain", help="show every check the proxy would make for one "
-                             "request, without sending it; exit 0 allow, 1 deny")
+                             "request, without sending it; exit 0 allow, 1 deny, 2 config, "
+                             "policy or usage error")
     _add_common(explain)
     explain.add_argument("method", help="HTTP method, e.g. GET")
     explain.add_argument("url", help="full URL or path, e.g. /api/insights/services/x")
@@ -431,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     caller.add_argument("--user", metavar="REF", help="act as this verified user entity ref")
     caller.add_argument("--service", metavar="SUBJECT",
                         help="act as this verified service subject (e.g. plugin:catalog)")
+    explain.add_argument("--group", action="append", metavar="REF", type=_entity_ref,
+                         help="with --user: an ownership ref the user has, for memberOf rules "
+                              "(repeat for several), e.g. group:default/payments")
     explain.set_defaults(func=cmd_explain)
 
     openapi = sub.add_parser("openapi", help="print the OpenAPI 3.1 document of the policies")
@@ -445,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     who = token.add_mutually_exclusive_group()
     who.add_argument("--user", default="user:default/jane", help="user entity ref")
     who.add_argument("--plugin", help="calling plugin id (makes a plugin token)")
+    token.add_argument("--group", action="append", metavar="REF", type=_entity_ref,
+                       help="an ownership ref of the user (token 'ent' claim, for memberOf "
+                            "rules); repeat for several, e.g. group:default/payments")
     token.add_argument("--target", default="insights", help="plugin the plugin token is for")
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
     token.add_argument("--base-url", help="backend.baseUrl the demo runs with")

@@ -42,8 +42,11 @@ def request_target(url: str) -> str:
 
 
 def explain(state: State, method: str, url: str, *, token: str | None = None,
-            user: str | None = None, service: str | None = None) -> Decision:
-    """The decision the proxy would take, with its trace (key fetches and delegations done)."""
+            user: str | None = None, service: str | None = None,
+            groups: tuple[str, ...] = ()) -> Decision:
+    """The decision the proxy would take, with its trace (key fetches and delegations done).
+
+    ``groups``: the ``--user``'s ownership refs (else the configured membership applies)."""
     header: tuple[str, ...] = ()
     stand_in: _StandInVerifier | None = None
     if token is not None:
@@ -51,7 +54,9 @@ def explain(state: State, method: str, url: str, *, token: str | None = None,
     elif user is not None or service is not None:
         kind, subject = ("user", user) if user is not None else ("service", service)
         assert subject is not None
-        principal = Principal(kind, subject, source=f"explain --{kind}")  # type: ignore[arg-type]
+        ownership = groups if kind == "user" else ()
+        principal = Principal(kind, subject, ownership,  # type: ignore[arg-type]
+                              source=f"explain --{kind}")
         stand_in = _StandInVerifier(principal)
         header = (f"Bearer {_STAND_IN_TOKEN}",)
     request = GatewayRequest(method.upper(), request_target(url), header)
