@@ -35,6 +35,8 @@ from .procs import (
 from .targets import ROOT, Bench, Target
 
 RESULTS = ROOT / "bench" / "results" / "latest.json"
+QUICK_RESULTS = ROOT / "bench" / "results" / "quick.json"  # untracked: --quick never rewrites
+#                                                            what the docs are rendered from
 HISTORY = ROOT / "bench" / "results" / "history.jsonl"  # the last few full runs, for the docs
 HISTORY_KEEP = 5
 DOCS = ROOT / "docs" / "performance.md"
@@ -70,7 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--docs", dest="docs", action="store_true", default=None,
                         help="regenerate docs/performance.md (default unless --quick)")
     parser.add_argument("--no-docs", dest="docs", action="store_false")
-    parser.add_argument("--output", type=Path, default=RESULTS, help=f"JSON (default {RESULTS})")
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"JSON (default {RESULTS.relative_to(ROOT)}; with --quick "
+                             f"{QUICK_RESULTS.relative_to(ROOT)}, which git ignores)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work dir (configs, logs, access logs) after a good run")
     parser.add_argument("--profile", action="store_true",
@@ -94,6 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.breakdown_requests = min(args.breakdown_requests, 500)
     if args.docs is None:
         args.docs = not args.quick
+    if args.output is None:
+        args.output = QUICK_RESULTS if args.quick else RESULTS
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(args.only) - set(ALL)
     if unknown:

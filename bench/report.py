@@ -741,12 +741,19 @@ Both put N Python processes on N cores; neither makes one process faster.
 
 ## Reproduce
 
+```console
+$ ./run.sh bench --rounds 3 --profile   # what produced this file (~12 minutes)
+$ ./run.sh bench --quick                # a smoke run, ~2 minutes
+$ ./run.sh bench --only floor,full --duration 20 --rounds 3
+$ ./run.sh bench --conditions "text"    # say what else ran on the machine, next to the figures
+```
+
+A full run writes `bench/results/latest.json` (and its history) and re-renders this file from
+it. `--quick` writes only `bench/results/quick.json`, which git ignores (`--output FILE` for
+another path), and leaves every tracked file as it is.
+
 ```sh
-./run.sh bench --rounds 3 --profile   # what produced this file (~12 minutes)
-./run.sh bench --quick                # a smoke run, ~2 minutes; does not rewrite this file
-./run.sh bench --only floor,full --duration 20 --rounds 3
 ./run.sh bench --report-only          # re-render this file from bench/results/latest.json
-./run.sh bench --conditions "text"    # say what else ran on the machine, next to the figures
 ```
 
 `wrk` and `nginx` come from the distribution (`apt-get install -y wrk nginx`); without wrk a

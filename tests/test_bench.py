@@ -3,6 +3,7 @@ the generated 10,000-route policy. Nothing here starts a process or measures any
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -253,6 +254,17 @@ def test_quick_is_short_and_leaves_the_docs_alone():
     full = parse_args([])
     assert full.docs is True and full.memory_points[0] == 10000
     assert full.memory_points[-1] == 200000
+
+
+def test_quick_writes_only_an_untracked_file_or_the_one_given():
+    from bench.__main__ import QUICK_RESULTS, RESULTS, ROOT
+
+    assert parse_args(["--quick"]).output == QUICK_RESULTS
+    assert parse_args([]).output == RESULTS
+    assert parse_args(["--quick", "--output", "/tmp/x.json"]).output == Path("/tmp/x.json")
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(QUICK_RESULTS)], cwd=ROOT,
+                             timeout=30)
+    assert ignored.returncode == 0, f"{QUICK_RESULTS} must be git-ignored"
 
 
 def test_unknown_scenarios_are_refused():
