@@ -166,8 +166,9 @@ class Session:
         except subprocess.TimeoutExpired:
             _kill(process)  # the whole group: a server started by mistake must not linger
             stdout, stderr = process.communicate()
-            self.fail(command, f"did not finish within {COMMAND_TIMEOUT:.0f} s (a server? "
-                      "then it must say 'stagedoor listening on')",
+            self.fail(command, f"did not finish within {COMMAND_TIMEOUT:.0f} s (a server must "
+                      "say 'stagedoor listening on'; a command that runs for minutes belongs "
+                      "in a ```console block)",
                       _decode(stdout) + _decode(stderr))
             return ""
         result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
