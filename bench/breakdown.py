@@ -27,8 +27,9 @@ from .targets import REQUEST_PATH, UPSTREAM_PATH
 PIECES = (
     ("decide", "decide(): plugin, path, route, principal, params (token cache excluded)"),
     ("token_cache", "verified-token cache (SHA-256 of the token, LRU lookup)"),
-    ("headers", "gateway: request/response header passes, upstream rewrite, request id, "
-                "timeout timer"),
+    ("head_rules", "request-head rules (stagedoor/head.py: Host, framing, CR/NUL, underscores)"),
+    ("headers", "gateway, the rest: request/response header passes, upstream rewrite, request "
+                "id, timeout timer, flow record, rate-limit hooks (no limit configured)"),
     ("access_log", "access log (record, JSON line, write)"),
     ("metrics", "metrics (Prometheus counters and histograms)"),
     ("limits", "request limits (head size/count check per request head)"),
@@ -112,6 +113,7 @@ async def _measure(runtime: Any, token: str, access_log: Path, requests: int,
     from addons import mitm_internals
     from addons.master import build_lean_master
     from stagedoor.decide import GatewayRequest, decide
+    from stagedoor.head import check_head
 
     m = build_lean_master(runtime, "127.0.0.1", 0, admin=None)
     m.addons.get("tlsconfig").configure({"confdir"})
@@ -170,13 +172,19 @@ async def _measure(runtime: Any, token: str, access_log: Path, requests: int,
         buf += head
         mitm_internals._head_problem(buf, state.limits)
     buf_us = _median_ns(lambda: ReceiveBuffer().__iadd__(head), done)
+    sample = _flow(token).request
+    head_rules = state.settings.edge.head_rules
+    head_rules_us = _median_ns(lambda: check_head(
+        sample.method, sample.authority, sample.path, sample.http_version,
+        sample.headers.fields, head_rules), done)
     limits_us = max(0.0, _median_ns(limits_check, done) - buf_us)
 
     gateway_us = per_addon.get("Gateway", 0.0)
     pieces = {
         "decide": max(0.0, decide_us - token_us),
         "token_cache": token_us,
-        "headers": max(0.0, gateway_us - decide_us),
+        "head_rules": head_rules_us,
+        "headers": max(0.0, gateway_us - decide_us - head_rules_us),
         "access_log": per_addon.get("AccessLog", 0.0),
         "metrics": per_addon.get("Metrics", 0.0),
         "limits": limits_us,

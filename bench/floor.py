@@ -3,8 +3,9 @@
 ``python -m bench.floor --upstream http://127.0.0.1:PORT`` listens on 127.0.0.1 (a free port
 unless ``--port``), logs ``floor listening on http://HOST:PORT`` on stderr and forwards every
 request to the upstream as it is (mitmproxy's reverse mode). Same mitmproxy, same event loop
-choice (``stagedoor/eventloop.py``), same lean hook dispatch and debug-check removal
-(``addons/lean.py``), same proxy options and ``gc.freeze()`` after start as ``stagedoor run``;
+choice (``stagedoor/eventloop.py``), same lean hook dispatch (``addons/lean.py``), same proxy
+options and ``gc.freeze()`` after start as ``stagedoor run`` (and, like it, mitmproxy's
+``__debug__`` type checks left in place);
 no gateway, token verification, header policy, access log, metrics, lifecycle or reload.
 What stagedoor costs above this is its own. Stops on SIGTERM/SIGINT.
 """
@@ -39,7 +40,6 @@ async def serve(upstream: str, host: str, port: int) -> None:
     m = master.Master(options.Options(), event_loop=asyncio.get_running_loop(),
                       with_termlog=False)
     lean.install(m)
-    lean.skip_debug_type_checks()
     m.addons.add(core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(),
                  PolicyOnlyTlsConfig(), errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
                  _Ready())

@@ -366,11 +366,12 @@ def _why(run: dict[str, Any], v: Verdict) -> str:
         return "Not measured in this run."
     if v.name.startswith("full policy vs stock"):
         base = ("Stock mitmdump dispatches every hook (eight per request, `update` included) to "
-                "its ~35 default addons, type-checks every request and response it builds and "
-                "runs on asyncio's own loop. The lean master (`addons/master.py`) loads the 5 "
-                "addons a reverse proxy needs plus stagedoor's, dispatches each hook only to the "
-                "handlers that exist, drops the debug-only type checks (`addons/lean.py`) and "
-                "runs on uvloop where installed (`stagedoor/eventloop.py`).")
+                "its ~35 default addons and runs on asyncio's own loop. The lean master "
+                "(`addons/master.py`) loads the 5 addons a reverse proxy needs plus stagedoor's, "
+                "dispatches each hook only to the handlers that exist (`addons/lean.py`) and "
+                "runs on uvloop where installed (`stagedoor/eventloop.py`). Both keep "
+                "mitmproxy's `__debug__` type checks of every request and response (see the "
+                "profile).")
         if v.met:
             return base + (" What is left per request is mostly mitmproxy's HTTP/1 machinery "
                            "(see the floor and the profile below).")
@@ -731,8 +732,9 @@ Both put N Python processes on N cores; neither makes one process faster.
   master); the access-log line is one `json.dumps`, written with the lines around it.
 - mitmproxy: the lean master (`addons/master.py`) loads core, proxy server, next layer, TLS
   config and error check plus stagedoor's addons. `addons/lean.py` dispatches each hook only to
-  the handlers that exist and drops mitmproxy's `__debug__`-only type checks of every request
-  and response.
+  the handlers that exist. mitmproxy's `__debug__`-only type checks of every request and
+  response stay (a patch that dropped them was removed in issue 13 as not worth its risk; the
+  profile shows what they cost: `MessageData.__post_init__` and `check_option_type`).
 - The event loop is uvloop where installed (`stagedoor/eventloop.py`; `stagedoor.eventLoop` or
   `STAGEDOOR_EVENT_LOOP=asyncio` forces asyncio's).
 - The gateway rewrites request and response headers in one pass over the raw header fields, and
