@@ -211,8 +211,8 @@ BODY_TOO_LARGE = "Request body exceeds stagedoor.limits.maxBodyBytes"
 
 def _head_end(data: bytes) -> int:
     """Where ``_HEAD_END`` (``\\r?\\n\\r?\\n``) first matches in ``data``, or -1: the same
-    answer from two ``bytes.find`` calls, ~20x cheaper than the regex search (whose optional
-    leading ``\\r`` defeats the regex engine's literal scan: ~18 µs per request head, measured)."""
+    answer from two ``bytes.find`` calls: the regex's optional leading ``\\r`` defeats the regex
+    engine's literal scan (4.6 µs against 1.2 µs of CPU for a 652-byte head, measured)."""
     lf_lf, lf_cr_lf = data.find(b"\n\n"), data.find(b"\n\r\n")
     first = lf_lf if lf_cr_lf < 0 or 0 <= lf_lf < lf_cr_lf else lf_cr_lf
     if first > 0 and data[first - 1] == 0x0D:  # the blank line's CR before the LF
