@@ -5,12 +5,12 @@ mitmproxy internals both rely on."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 
 import pytest
 from mitmproxy import addonmanager, exceptions, hooks, master, options
-from mitmproxy.proxy import mode_servers
 from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
 from mitmproxy.test import tflow
 
@@ -160,15 +160,25 @@ def test_options_changes_still_reach_addons_once():
     assert seen == [{"listen_port"}]
 
 
-# -- tripwires: what addons/lean.py relies on inside mitmproxy -------------------------------------
-def test_proxy_hooks_go_through_handle_lifecycle():
-    source = inspect.getsource(mode_servers.ProxyConnectionHandler.handle_hook)
-    assert "addons.handle_lifecycle(" in source, "mitmproxy changed how proxy hooks dispatch"
+# -- tripwires: what addons/lean.py relies on inside mitmproxy (behaviour, not source text) -----
+def test_stock_handle_lifecycle_dispatches_and_follows_with_update():
+    """What FastAddonManager reproduces: the stock manager runs a flow hook, then ``update``."""
+    calls: list[str] = []
 
+    class Probe:
+        def request(self, flow: object) -> None:
+            calls.append("request")
 
-def test_stock_handle_lifecycle_still_adds_an_update_hook():
-    source = inspect.getsource(addonmanager.AddonManager.handle_lifecycle)
-    assert "UpdateHook" in source and "trigger_event" in source
+        def update(self, flows: object) -> None:
+            calls.append("update")
+
+    async def go() -> None:
+        m = master.Master(options.Options())
+        m.addons.add(Probe())
+        await m.addons.handle_lifecycle(HttpRequestHook(tflow.tflow()))
+
+    asyncio.run(go())
+    assert calls == ["request", "update"]
 
 
 def test_addon_manager_internals_exist():
@@ -181,16 +191,38 @@ def test_addon_manager_internals_exist():
     assert hooks.UpdateHook([]).name == "update"
 
 
-def test_master_creates_its_manager_in_init():
-    assert "AddonManager(self)" in inspect.getsource(master.Master.__init__)
+def test_a_new_master_has_a_stock_manager_that_install_replaces():
+    async def go() -> None:
+        m = master.Master(options.Options())
+        assert type(m.addons) is addonmanager.AddonManager
+        assert isinstance(lean.install(m), lean.FastAddonManager) and m.addons.master is m
+
+    asyncio.run(go())
 
 
-def test_message_data_type_check_is_debug_only_and_calls_check_option_type():
+def test_message_data_type_check_refuses_a_wrong_type_until_skipped(monkeypatch):
     from mitmproxy import http
 
-    source = inspect.getsource(http.MessageData)
-    assert "if __debug__:" in source and "def __post_init__" in source
-    assert "check_option_type" in source
+    assert lean.STOCK_POST_INIT is not None and lean.STOCK_POST_INIT is not lean._no_type_check
+    monkeypatch.setattr(http.MessageData, "__post_init__", lean.STOCK_POST_INIT)
+    data = http.Request.make("GET", "http://example.com/").data
+    with pytest.raises((TypeError, ValueError)):  # str where mitmproxy wants bytes
+        dataclasses.replace(data, method="GET")
+    assert lean.skip_debug_type_checks() is True
+    dataclasses.replace(data, method="GET")  # no check any more
+
+
+def test_the_skip_is_refused_when_post_init_does_more_than_check(monkeypatch, caplog):
+    from mitmproxy import http
+
+    def normalising(self: object) -> None:  # a future mitmproxy that also normalises
+        self.method = self.method.upper()  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(http.MessageData, "__post_init__", normalising)
+    with caplog.at_level(logging.WARNING):
+        assert lean.skip_debug_type_checks() is False
+    assert http.MessageData.__post_init__ is normalising
+    assert "keeping mitmproxy's message type checks" in caplog.text
 
 
 def test_skipping_type_checks_keeps_requests_and_responses_working(monkeypatch):
