@@ -925,6 +925,14 @@ EDGE_CASES: list[EdgeCase] = [
 ]
 
 
+def edge_family_counts() -> dict[str, int]:
+    """Raw-socket edge cases per family, in table order."""
+    out: dict[str, int] = {}
+    for case in EDGE_CASES:
+        out[case.family] = out.get(case.family, 0) + 1
+    return out
+
+
 def replay_http_server(raw_head: bytes) -> Any:
     """What Python's ``http.server`` makes of a forwarded request head: its parsed headers
     (an ``email.message.Message``), or None if it refuses the head."""
@@ -1032,6 +1040,18 @@ def counts() -> list[tuple[str, str, int, str]]:
          len(test_hardening_faults.CONFIG_GARBAGE), "test_hardening_faults.py"),
         ("regressions", "what this suite found, each in isolation, plus internals tripwires",
          _collected("test_hardening_units"), "test_hardening_units.py"),
+        *[("edge", f"raw-socket: {family}", n, "test_hardening_edge.py")
+          for family, n in edge_family_counts().items()],
+        ("edge", "raw-socket: Expect, upstream trailers, TLS on the plain listener, parser "
+                 "pages, idle and slow-body timeouts, client abort (499), in-flight gauge",
+         _collected("test_hardening_edge") - len(EDGE_CASES), "test_hardening_edge.py"),
+        ("edge", "resources: 8 unauthenticated 10 MiB POSTs (RSS), per-client connection cap",
+         _collected("test_hardening_resources"), "test_hardening_resources.py"),
+        ("edge", "in-process: head-check tables (every byte, names, underscores, targets, "
+                 "versions, Host, framing), edge settings, connection book, log throttle",
+         _collected("test_head"), "test_head.py"),
+        ("edge", "mitmproxy fence: raw-socket error pages and touch points, crash handling",
+         _collected("test_mitm_internals"), "test_mitm_internals.py"),
         ("property", f"generated cases over decide(), render_error and the verifier "
                      f"({_collected('test_property_decide') - 1} properties x "
                      f"{prop.EXAMPLES} examples)",
