@@ -102,6 +102,25 @@ def test_a_source_down_from_the_start_is_unavailable_with_retry_after(server, ke
     assert info.value.retry_after == 7
 
 
+def test_short_rsa_keys_and_encryption_keys_are_not_verification_keys(key):
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from stagedoor.devkeys import public_jwk
+
+    short = public_jwk(rsa.generate_private_key(public_exponent=65537, key_size=1024), kid="s")
+    encryption = {**key.public_jwk(), "use": "enc"}
+    assert [k.kid for k in parse_jwks({"keys": [short, encryption, key.public_jwk()]})] == \
+        [key.kid]
+
+
+def test_a_key_set_over_one_mebibyte_is_a_failed_fetch(server, key):
+    server.documents[AUTH_JWKS] = {"keys": [key.public_jwk()], "padding": "x" * (1 << 20)}
+    clock = Clock()
+    client = client_for(server, clock)
+    run(client.refresh())
+    assert client.keys == () and "larger than" in str(client.failure)
+
+
 def test_symmetric_keys_are_never_loaded_from_a_key_set():
     assert parse_jwks({"keys": []}) == ()
     with pytest.raises(ValueError, match="usable"):
