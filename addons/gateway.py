@@ -16,21 +16,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import random
-import re
 import time
 from collections.abc import Iterable
 from typing import Any
 
 from mitmproxy import ctx, http
 
+from stagedoor import forwarding
 from stagedoor.decide import API_PREFIX, Answer, Decision, Deny, Forward, GatewayRequest, refuse
 from stagedoor.errors import JSON_CONTENT_TYPE, ApiError, render_error
 from stagedoor.errors import utf8_safe as _utf8_safe
 from stagedoor.head import HeadRefusal, apply, check_head
+from stagedoor.identity import Caller, IdentityError
 from stagedoor.logsetup import redact_target
 from stagedoor.resolve import resolve
 from stagedoor.runtime import Runtime, State
+from stagedoor.tokens import extract_bearer
 
 from . import mitm_internals, ratelimit
 from .record import META, FlowRecord, record_of
@@ -39,19 +40,8 @@ __all__ = ["META", "Gateway"]
 
 log = logging.getLogger("stagedoor.gateway")
 
-HOP_BY_HOP = ("connection", "keep-alive", "proxy-connection", "proxy-authorization",
-              "proxy-authenticate", "te", "trailer", "upgrade")
-_FRAMING = ("content-length", "transfer-encoding")
-# Headers some upstream frameworks read as "the real method / URL / client": honouring them
-# would run another method or path than the one authorised, or trust a client-set address.
-CLIENT_OVERRIDES = frozenset({
-    "x-http-method-override", "x-http-method", "x-method-override", "x-original-method",
-    "x-original-url", "x-original-uri", "x-rewrite-url", "x-override-url",
-    "x-real-ip", "true-client-ip", "x-client-ip", "x-cluster-client-ip", "client-ip",
-})
 _INTERNAL_ERROR = (b'{"error":{"name":"Error","message":"Internal error"},'
                    b'"request":{"method":"","url":""},"response":{"statusCode":500}}')
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 class Gateway:
@@ -91,7 +81,7 @@ class Gateway:
             return
         # Settled before any decision, so refusals carry a request id too; "target" is the path
         # as the client sent it (forwarding rewrites flow.request.path).
-        record = FlowRecord(_request_id(flow.request.headers), flow.request.path,
+        record = FlowRecord(_request_id(flow.request), flow.request.path,
                             time.perf_counter(), self.runtime.state)
         flow.metadata[META] = record
         await self._guarded(flow, record, self._decide_head)
@@ -102,7 +92,7 @@ class Gateway:
             return
         record = record_of(flow.metadata)
         if record is None:  # no requestheaders hook ran (a replayed or injected flow)
-            record = FlowRecord(_request_id(flow.request.headers), flow.request.path,
+            record = FlowRecord(_request_id(flow.request), flow.request.path,
                                 time.perf_counter(), self.runtime.state)
             flow.metadata[META] = record
             await self._guarded(flow, record, self._decide_head)
@@ -180,60 +170,28 @@ class Gateway:
     def _forward(self, flow: http.HTTPFlow, record: FlowRecord, decision: Forward) -> None:
         req = flow.request
         up = decision.upstream
-        settings = record.state.settings  # the state this request was decided on
-        headers = req.headers
-        # One pass over the raw header fields (mitmproxy's Headers API rescans them for every
-        # lookup and deletion). Headers the client lists in Connection are hop-by-hop too
-        # (RFC 9110, 7.6.1).
-        fields = headers.fields
-        listed = _connection_tokens(fields)
-        identity = (_bytes(settings.principal_header), _bytes(settings.principal_type_header))
-        # Host and X-Request-Id keep their place and name, with new values filled in at the
-        # end (None marks the place; later duplicates are dropped), as Headers.set_all would.
-        kept: list[tuple[bytes, bytes | None]] = []
-        hosts: list[str] = []
-        has_host = has_request_id = False
-        for name, value in fields:
-            lower = name.lower()
-            if lower == b"host":
-                hosts.append(value.decode("utf-8", "surrogateescape"))
-                if not has_host:
-                    kept.append((name, None))
-                    has_host = True
-                continue
-            if lower == b"x-request-id":
-                if not has_request_id:
-                    kept.append((name, None))
-                    has_request_id = True
-                continue
-            if lower not in _FRAMING_B and (
-                    lower in _REQUEST_DROP_B or lower in listed or lower in identity
-                    or lower.startswith(_REQUEST_DROP_PREFIXES_B)):
-                continue
-            kept.append((name, value))
-        client_host = ", ".join(hosts)  # what headers.get("host") answers
+        peer = flow.client_conn.peername
+        state = record.state  # the header policy of the state this request was decided on
         principal = decision.principal
-        if principal is not None:
-            kept.append((identity[0], _bytes(principal.subject)))
-            kept.append((identity[1], _bytes(principal.kind)))
-        peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
-        kept.append((b"X-Forwarded-For", _bytes(peer)))
-        kept.append((b"X-Forwarded-Proto",
-                     b"https" if flow.client_conn.tls_established else b"http"))
-        if client_host:
-            kept.append((b"X-Forwarded-Host", _bytes(client_host)))
-        if not has_request_id:
-            kept.append((b"X-Request-Id", None))
-        if not has_host:
-            kept.append((b"Host", None))
-        if b"close" in listed:  # mitmproxy reads the (now stripped) request headers for that
-            record.client_close = True
+        # The verified token (only with a principal: an open route may carry anything).
+        token = extract_bearer(req.headers.get_all("authorization")) if principal else None
+        caller = Caller(principal, token, record.request_id, decision.context.plugin_id or "")
+        try:
+            head = forwarding.upstream_fields(
+                req.headers.fields, identity=state.identity_for(decision.route), caller=caller,
+                host=up.host_header, policy=state.forwarding,
+                client=forwarding.Client(peer[0] if peer else "",
+                                         flow.client_conn.tls_established))
+        except IdentityError as exc:  # no identity can be made for this caller: not forwarded
+            record.outcome, record.check = "deny", "identity"
+            self._respond_error(flow, ApiError(401, exc.message), decision.url, state)
+            return
+        record.client_close = head.client_close  # mitmproxy reads the stripped request for that
         record.forwarded_at = time.perf_counter()  # upstream latency, for the log and metrics
-
         # No header fields while the target is rewritten: with a Host field present, each of
         # mitmproxy's host and port setters rescans and rewrites the headers (measured: a fifth
-        # of the gateway's time per request); Host gets its final value below in any case.
-        headers.fields = ()
+        # of the gateway's time per request); the fields carry the upstream's Host already.
+        req.headers.fields = ()
         req.scheme = up.scheme
         req.host = up.host
         req.port = up.port
@@ -241,13 +199,9 @@ class Gateway:
         # mitmproxy reads "get" as GET (decide saw GET) but would send "get" on: forward the
         # method that was authorised, byte for byte.
         req.method = req.method
-        host, request_id = _bytes(up.host_header), _bytes(record.request_id)
-        headers.fields = tuple(
-            (name, value if value is not None else host if name.lower() == b"host"
-             else request_id) for name, value in kept)
-
-        loop = asyncio.get_running_loop()
-        self._timers[flow.id] = loop.call_later(decision.timeout, self._expire, flow)
+        req.headers.fields = head.fields
+        self._timers[flow.id] = asyncio.get_running_loop().call_later(decision.timeout,
+                                                                      self._expire, flow)
 
     def _expire(self, flow: http.HTTPFlow) -> None:
         self._timers.pop(flow.id, None)
@@ -305,25 +259,21 @@ class Gateway:
             # A local answer or error to HEAD: headers (Content-Length included) as for GET, but
             # no body, or the bytes would be read as the next response on this connection.
             resp.raw_content = b""
-        # One pass over the raw header fields: mitmproxy's Headers API rescans and re-lowercases
-        # every field for each lookup, which cost ~200 µs per response with a dozen security
-        # headers (it runs once per response: in responseheaders for a forwarded one).
+        # Raw header fields in, raw fields out (stagedoor/forwarding.py): mitmproxy's Headers API
+        # rescans and re-lowercases every field for each lookup (~200 µs per response with a
+        # dozen security headers). Once per response: in responseheaders for a forwarded one.
         record = record_of(flow.metadata)
-        # A flow the gateway never saw (mitmproxy answered it itself): the current state.
-        state = record.state if record is not None else self.runtime.state
-        fields = resp.headers.fields
-        upstream = record is not None and record.forwarded
-        if upstream:
-            assert record is not None
+        if record is None:  # a flow the gateway never saw (mitmproxy answered it itself)
+            resp.headers.fields = forwarding.client_fields(
+                resp.headers.fields, policy=self.runtime.state.forwarding, forwarded=False,
+                request_id=None)
+            return
+        forwarded = record.forwarded
+        if forwarded:
             record.upstream_status = resp.status_code
-            fields = _without_hop_by_hop(fields)
-        present = {name.lower() for name, _ in fields}
-        fields += tuple((name, value) for lower, name, value in state.security_fields
-                        if lower not in present)
-        if record is not None:
-            if upstream and record.client_close:  # the client said "Connection: close"
-                fields += ((b"Connection", b"close"),)
-            fields = _set_field(fields, b"X-Request-Id", _bytes(record.request_id))
+        fields = forwarding.client_fields(
+            resp.headers.fields, policy=record.state.forwarding, forwarded=forwarded,
+            request_id=record.request_id, client_close=record.client_close)
         resp.headers.fields = ratelimit.finish_headers(record, fields)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -372,72 +322,12 @@ def _mount_relative(target: str, state: State) -> str:
     return target
 
 
-def _strip_hop_by_hop(headers: http.Headers) -> None:
-    """Drop the upstream's hop-by-hop headers; mitmproxy frames the body for the client."""
-    headers.fields = _without_hop_by_hop(headers.fields)
-
-
-# The same rules on raw header fields (bytes), for the hot path.
-_HOP_BY_HOP_B = frozenset(name.encode() for name in HOP_BY_HOP)
-_FRAMING_B = frozenset(name.encode() for name in _FRAMING)
-# What a request forwarded upstream never carries from the client (Gateway._forward).
-_REQUEST_DROP_B = frozenset(name.encode() for name in (*HOP_BY_HOP, *CLIENT_OVERRIDES,
-                                                       "authorization", "forwarded"))
-_REQUEST_DROP_PREFIXES_B = (b"x-stagedoor-", b"x-forwarded-")
-Fields = tuple[tuple[bytes, bytes], ...]
-
-
-def _bytes(text: str) -> bytes:
-    """How mitmproxy's ``Headers`` encode a str name or value."""
-    return text.encode("utf-8", "surrogateescape")
-
-
-def _connection_tokens(fields: Fields) -> set[bytes]:
-    """The lowercased names listed in ``Connection`` headers (RFC 9110, 7.6.1)."""
-    return {token.strip().lower() for name, value in fields if name.lower() == b"connection"
-            for token in value.split(b",")}
-
-
-def _without_hop_by_hop(fields: Fields) -> Fields:
-    listed = _connection_tokens(fields)
-    return tuple((name, value) for name, value in fields
-                 if (lower := name.lower()) in _FRAMING_B
-                 or (lower not in _HOP_BY_HOP_B and lower not in listed))
-
-
-def _set_field(fields: Fields, name: bytes, value: bytes) -> Fields:
-    """``Headers.set_all(name, [value])`` on raw fields: the first one replaced in place, any
-    others dropped, appended when absent."""
-    lower = name.lower()
-    out: list[tuple[bytes, bytes]] = []
-    done = False
-    for field in fields:
-        if field[0].lower() == lower:
-            if not done:
-                out.append((field[0], value))
-                done = True
-        else:
-            out.append(field)
-    if not done:
-        out.append((name, value))
-    return tuple(out)
-
-
 def _header_fields(pairs: Iterable[tuple[str, str]]) -> http.Headers:
     return http.Headers([(k.encode("latin-1"), v.encode("latin-1", "replace")) for k, v in pairs])
 
 
-_REQUEST_IDS = random.Random()  # our own instance: random.seed() elsewhere cannot touch it
-
-
-def _request_id(headers: http.Headers) -> str:
-    """The client's X-Request-Id when it is well-formed (one, short, safe), else a new one."""
-    values = headers.get_all("x-request-id")
-    if len(values) == 1 and _REQUEST_ID.match(values[0]):
-        return values[0]
-    # Unique, not secret: a PRNG seeded from the OS, where uuid4 makes a getrandom() system
-    # call per request (~2% of the proxy's CPU under load, measured).
-    return f"{_REQUEST_IDS.getrandbits(128):032x}"
+def _request_id(request: http.Request) -> str:
+    return forwarding.request_id(request.headers.get_all("x-request-id"))
 
 
 def running_address() -> str:

@@ -18,6 +18,7 @@ from . import identity
 from .config import Config, ConfigError, load_config
 from .edge import EdgeSettings
 from .errors import SECURITY_HEADERS
+from .forwarding import ForwardingPolicy
 from .logsetup import LOG_FORMATS, parse_level
 from .openapi import ServedDocuments
 from .permissions import Authorizer
@@ -175,14 +176,6 @@ def _invalid(config: Config, key: str, problem: str) -> ConfigError:
     return ConfigError(f"Invalid config value at '{key}' in '{config._origin(key)}': {problem}")
 
 
-SecurityFields = tuple[tuple[bytes, bytes, bytes], ...]
-
-
-def encode_header(text: str) -> bytes:
-    """How mitmproxy's ``Headers`` encode a str name or value."""
-    return text.encode("utf-8", "surrogateescape")
-
-
 @dataclass(frozen=True, slots=True)
 class State:
     """Everything one load produced, parsed, validated and derived, never changed afterwards.
@@ -202,8 +195,9 @@ class State:
     authorizer: Authorizer
     authorizer_inputs: tuple[Any, ...]  # what the authorizer was built from (reuse if equal)
     openapi: ServedDocuments
-    #: ``stagedoor.securityHeaders`` as (lowercase name, name, value) bytes, encoded once.
-    security_fields: SecurityFields
+    #: The header policy (security headers encoded once, extension points); identity
+    #: headers come from :meth:`identity_for`.
+    forwarding: ForwardingPolicy
     fingerprint: str = ""  # input_fingerprint() of the files, taken before reading them
     ratelimit: RateLimitSettings = field(default_factory=RateLimitSettings)
     #: Holds the rate-limit store chosen at load; carried over while the store settings are
@@ -262,15 +256,14 @@ def load_state(config_files: Sequence[str], policy_dir: str,
         verifier = previous.verifier
     else:
         verifier = TokenVerifier(auth)
-    security = tuple((encode_header(name.lower()), encode_header(name), encode_header(value))
-                     for name, value in settings.security_headers.items())
+    forwarding = ForwardingPolicy.from_settings(settings.security_headers)
     ratelimit = RateLimitSettings.from_config(config)
     if previous is not None and previous.limiter.spec == ratelimit.store:
         limiter = previous.limiter
     else:
         limiter = RateLimiter(ratelimit.store)
     return State(config, settings, operations, policies, auth, verifier, authorizer, inputs,
-                 ServedDocuments.build(policies, config), security, fingerprint,
+                 ServedDocuments.build(policies, config), forwarding, fingerprint,
                  ratelimit=ratelimit, limiter=limiter, signer=signer, identities=identities,
                  default_identity=default_identity)
 
