@@ -9,13 +9,14 @@ import pytest
 
 from stagedoor import forwarding as fw
 from stagedoor.errors import SECURITY_HEADERS
+from stagedoor.identity import Caller, Mutator, PlainHeaders
 from stagedoor.tokens import Principal
 
 from .hardening import SPOOFED_HEADERS
 
 JANE = Principal("user", "user:default/jane")
-POLICY = fw.ForwardingPolicy.from_headers("x-stagedoor-principal", "x-stagedoor-principal-type",
-                                          SECURITY_HEADERS)
+POLICY = fw.ForwardingPolicy.from_settings(SECURITY_HEADERS)
+PLAIN = PlainHeaders()
 CLIENT = fw.Client("127.0.0.1", tls=False)
 
 
@@ -23,11 +24,16 @@ def enc(pairs: list[tuple[str, str]]) -> fw.Fields:
     return tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in pairs)
 
 
+def caller(principal: Principal | None = JANE, request_id: str = "rid-1") -> Caller:
+    return Caller(principal, "t0k3n-secret" if principal else None, request_id, "insights")
+
+
 def up(pairs: list[tuple[str, str]], principal: Principal | None = JANE,
-       policy: fw.ForwardingPolicy = POLICY, **kw: object) -> fw.UpstreamHead:
+       policy: fw.ForwardingPolicy = POLICY, identity: Mutator = PLAIN,
+       **kw: object) -> fw.UpstreamHead:
     base = [("Host", "sidecar.test:7007"), ("Authorization", "Bearer t0k3n-secret")]
-    return fw.upstream_fields(enc(base + pairs), principal=principal, host="up.test:8080",
-                              client=CLIENT, request_id="rid-1", policy=policy,
+    return fw.upstream_fields(enc(base + pairs), identity=identity, caller=caller(principal),
+                              host="up.test:8080", client=CLIENT, policy=policy,
                               **kw)  # type: ignore[arg-type]
 
 
@@ -85,15 +91,15 @@ def test_no_principal_sets_no_identity_and_still_strips_a_spoofed_one():
 
 
 def test_configured_identity_names_are_stripped_and_set():
-    policy = fw.ForwardingPolicy.from_headers("X-User", "X-User-Kind", {})
-    head = up([("x-user", "admin"), ("X-USER-KIND", "service")], policy=policy)
+    identity = PlainHeaders("X-User", "X-User-Kind")
+    head = up([("x-user", "admin"), ("X-USER-KIND", "service")], identity=identity)
     assert values(head.fields, "x-user") == [b"user:default/jane"]
     assert values(head.fields, "x-user-kind") == [b"user"]
 
 
 def test_several_hosts_are_joined_in_x_forwarded_host_and_host_is_the_upstreams():
-    head = fw.upstream_fields(enc([("Host", "a"), ("Host", "b")]), principal=None, host="up",
-                              client=CLIENT, request_id="r", policy=POLICY)
+    head = fw.upstream_fields(enc([("Host", "a"), ("Host", "b")]), identity=PLAIN,
+                              caller=caller(None), host="up", client=CLIENT, policy=POLICY)
     assert values(head.fields, "x-forwarded-host") == [b"a, b"]
     assert values(head.fields, "host") == [b"up"]
 
@@ -104,8 +110,8 @@ def test_request_id_replaces_the_clients_copies():
 
 
 def test_tls_client_is_forwarded_as_https():
-    head = fw.upstream_fields((), principal=None, host="up", client=fw.Client("::1", tls=True),
-                              request_id="r", policy=POLICY)
+    head = fw.upstream_fields((), identity=PLAIN, caller=caller(None), host="up",
+                              client=fw.Client("::1", tls=True), policy=POLICY)
     assert values(head.fields, "x-forwarded-proto") == [b"https"]
     assert values(head.fields, "x-forwarded-for") == [b"::1"]
 
@@ -123,7 +129,7 @@ def test_route_headers_replace_the_clients_copies():
 
 
 def test_a_protected_name_normaliser_catches_underscore_variants():
-    underscore = fw.ForwardingPolicy(identity=POLICY.identity, security=POLICY.security,
+    underscore = fw.ForwardingPolicy(security=POLICY.security,
                                      protected_name=lambda name: name.replace(b"_", b"-"))
     spoofs = [("X_Forwarded_For", "10.0.0.1"), ("x_stagedoor_principal", "admin"),
               ("X_HTTP_Method_Override", "DELETE")]
@@ -134,14 +140,18 @@ def test_a_protected_name_normaliser_catches_underscore_variants():
 
 def test_an_identity_mutator_decides_what_identity_goes_upstream():
     class SignedIdentity:
+        kind = "test"
         names = frozenset({b"x-identity-jwt"})
 
-        def fields(self, principal: Principal | None) -> fw.Fields:
+        def fields(self, caller: Caller) -> fw.Fields:
+            principal = caller.principal
             return ((b"X-Identity-Jwt", b"signed:" + principal.subject.encode()),) \
                 if principal else ()
 
-    policy = fw.ForwardingPolicy(identity=SignedIdentity())
-    head = up([("X-Identity-Jwt", "forged")], policy=policy)
+        def describe(self) -> str:
+            return "test"
+
+    head = up([("X-Identity-Jwt", "forged")], identity=SignedIdentity())
     assert values(head.fields, "x-identity-jwt") == [b"signed:user:default/jane"]
     assert values(head.fields, "x-stagedoor-principal") == []
 

@@ -208,10 +208,13 @@ class _HeldAuthorizer:
     def groups_for(self, principal: object) -> frozenset[str]:
         return frozenset()
 
+    def membership_of(self, principal: object, token: object) -> tuple[frozenset[str], str]:
+        return frozenset(), "subject"
+
     def cached(self, token: str | None, permission: str) -> bool | None:
         return self.answers.get(token)
 
-    async def resolve(self, token: str | None, permission: str) -> bool:
+    async def resolve(self, token: str | None, permission: str, *_: object) -> bool:
         self.asked.set()
         await self.release.wait()
         self.answers[token] = True
