@@ -81,7 +81,7 @@ class Gateway:
             return
         # Settled before any decision, so refusals carry a request id too; "target" is the path
         # as the client sent it (forwarding rewrites flow.request.path).
-        record = FlowRecord(_request_id(flow.request), flow.request.path,
+        record = FlowRecord(_request_id(flow.request.headers), flow.request.path,
                             time.perf_counter(), self.runtime.state)
         flow.metadata[META] = record
         await self._guarded(flow, record, self._decide_head)
@@ -92,7 +92,7 @@ class Gateway:
             return
         record = record_of(flow.metadata)
         if record is None:  # no requestheaders hook ran (a replayed or injected flow)
-            record = FlowRecord(_request_id(flow.request), flow.request.path,
+            record = FlowRecord(_request_id(flow.request.headers), flow.request.path,
                                 time.perf_counter(), self.runtime.state)
             flow.metadata[META] = record
             await self._guarded(flow, record, self._decide_head)
@@ -326,8 +326,9 @@ def _header_fields(pairs: Iterable[tuple[str, str]]) -> http.Headers:
     return http.Headers([(k.encode("latin-1"), v.encode("latin-1", "replace")) for k, v in pairs])
 
 
-def _request_id(request: http.Request) -> str:
-    return forwarding.request_id(request.headers.get_all("x-request-id"))
+def _request_id(headers: http.Headers) -> str:
+    """The client's X-Request-Id when it is well-formed, else a new one (forwarding.py)."""
+    return forwarding.request_id(headers.get_all("x-request-id"))
 
 
 def running_address() -> str:

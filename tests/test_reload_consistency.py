@@ -233,9 +233,14 @@ def test_a_reload_while_a_request_waits_does_not_change_how_it_is_forwarded(file
         gateway = Gateway(runtime)
         flow = tflow.tflow()
         flow.request.path = "/api/rc/items/abc"
+        flow.request.headers["Host"] = "127.0.0.1"
         flow.request.headers["Authorization"] = f"Bearer {token}"
         flow.request.headers["x-a-principal"] = "spoofed"
-        task = asyncio.create_task(gateway.request(flow))
+        async def through_the_gateway() -> None:
+            await gateway.requestheaders(flow)  # decided on the head (waits on the backend)
+            await gateway.request(flow)  # the body is in: forwarded
+
+        task = asyncio.create_task(through_the_gateway())
         await asyncio.wait_for(held.asked.wait(), 10)
         # The reload lands while the request waits on the permission backend.
         config.write_text(config_text(backend.url, upstream.url, "b"))
