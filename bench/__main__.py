@@ -247,8 +247,9 @@ def profile_full(bench: Bench, target: Target, args: argparse.Namespace) -> dict
         _, err = spy.communicate()
     if spy.returncode != 0 or not raw.exists():
         raise RuntimeError(f"py-spy failed ({spy.returncode}): {err.decode(errors='replace')}")
-    stacks = profile.parse_collapsed(raw.read_text())
+    stacks, waiting = profile.drop_waiting(profile.parse_collapsed(raw.read_text()))
     summary = profile.summarize(stacks)
+    summary["waiting_samples_dropped"] = waiting
     title = (f"stagedoor, full policy, under load ({result.rps:,.0f} req/s while sampled; "
              f"py-spy, {args.duration:g}s)")
     flame.parent.mkdir(parents=True, exist_ok=True)

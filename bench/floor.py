@@ -24,6 +24,7 @@ from addons import lean
 from addons.master import PolicyOnlyTlsConfig, proxy_options
 from stagedoor import eventloop
 from stagedoor.gcfreeze import freeze_loaded
+from stagedoor.runtime import Limits
 
 
 class _Ready:
@@ -43,7 +44,10 @@ async def serve(upstream: str, host: str, port: int) -> None:
     m.addons.add(core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(),
                  PolicyOnlyTlsConfig(), errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
                  _Ready())
-    m.options.update(**{**proxy_options(host, port), "mode": [f"reverse:{upstream}"]})
+    # stagedoor's own mitmproxy options, and the response-streaming threshold its gateway sets
+    # at start (stagedoor.limits.streamResponseBytes, 1 MiB by default).
+    m.options.update(**{**proxy_options(host, port), "mode": [f"reverse:{upstream}"]},
+                     stream_large_bodies=str(Limits().stream_response_bytes))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, m.shutdown)

@@ -54,6 +54,18 @@ def record(pid: int, seconds: float, output: Path, rate: int = 200) -> subproces
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
 
 
+#: Leaf frames of helper threads that wait in native code, which py-spy counts as running:
+#: watchfiles' file watcher (an anyio worker thread). /proc shows them at 0 CPU under load.
+WAITING_LEAVES = ("WorkerThread.run (",)
+
+
+def drop_waiting(stacks: list[tuple[Stack, int]]) -> tuple[list[tuple[Stack, int]], int]:
+    """(the stacks without helper threads waiting in native code, how many samples that was)."""
+    kept = [(frames, count) for frames, count in stacks
+            if not (frames and frames[-1].startswith(WAITING_LEAVES))]
+    return kept, sum(c for _, c in stacks) - sum(c for _, c in kept)
+
+
 def parse_collapsed(text: str) -> list[tuple[Stack, int]]:
     """``a (f.py);b (g.py) 12`` lines -> [(("a (f.py)", "b (g.py)"), 12)], outermost first."""
     stacks = []

@@ -570,7 +570,10 @@ def _profile_section(run: dict[str, Any]) -> str:
     cats = ", ".join(f"{k} {v:.1f}%" for k, v in prof["by_category_pct"].items())
     return (f"py-spy sampled the full-policy proxy for {prof['seconds']:g}s under the same load "
             f"({prof['samples']:,} samples while it served {prof['rps_while_sampled']:,.0f} "
-            "req/s; `--nonblocking`, so the proxy was never paused; idle time excluded). "
+            "req/s; `--nonblocking`, so the proxy was never paused; idle time excluded, and "
+            f"{prof.get('waiting_samples_dropped', 0):,} samples of a helper thread that waits "
+            "in native code, watchfiles' file watcher, which py-spy counts as running while "
+            "/proc shows it at no CPU). "
             f"Flame graph: [{svg}]({svg}) (stagedoor's code in orange, mitmproxy's in blue).\n\n"
             f"![flame graph of the full-policy proxy]({svg})\n\n"
             "Top functions by self time (the share of samples where the function itself was "

@@ -207,6 +207,9 @@ def test_profile_summary_and_flame_graph_from_collapsed_stacks():
     assert summary["stagedoor_inclusive_pct"] == 30.0  # the entry point does not count
     assert profile.short_frame("_handle_event (/v/site-packages/mitmproxy/proxy/x.py)") \
         == "_handle_event (mitmproxy/proxy/x.py)"
+    waiting = [(("_bootstrap (threading.py)", "WorkerThread.run (anyio/_backends/_asyncio.py)"),
+                7)]
+    assert profile.drop_waiting(stacks + waiting) == (stacks, 7)
     svg = profile.flamegraph_svg(stacks, "test")
     ElementTree.fromstring(svg)
     assert "decide (stagedoor/decide.py): 30 samples (30.0%)" in svg
