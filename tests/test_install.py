@@ -174,3 +174,17 @@ def test_stagedoor_run_refuses_an_unsupported_mitmproxy_before_listening(tmp_pat
         "stagedoor: mitmproxy 99.0 is installed, but this stagedoor is tested with mitmproxy "
         f"{supported_mitmproxy_range()} only; install a release in that range (./run.sh does, "
         "from requirements-test.lock; pip install -r requirements.lock for an image)")
+
+
+def test_every_package_directory_is_installed():
+    # An explicit `packages` list must name each package (a subpackage left out installs in
+    # editable mode and is missing from the image).
+    setuptools = PYPROJECT["tool"]["setuptools"]
+    listed = setuptools.get("packages")
+    if not isinstance(listed, list):  # find: all of them by construction
+        return
+    found = sorted(".".join(init.parent.relative_to(ROOT).parts)
+                   for top in ("stagedoor", "addons") for init in (ROOT / top).rglob("__init__.py")
+                   if "__pycache__" not in init.parts)
+    missing = [name for name in found if name not in listed]
+    assert missing == [], f"add {missing} to [tool.setuptools] packages"
