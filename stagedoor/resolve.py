@@ -19,8 +19,9 @@ from .tokens import MSG_SOURCE_UNAVAILABLE, KeysNeeded, extract_bearer
 from .userinfo import MembershipNeeded
 
 #: Fetch-and-decide-again rounds before giving up with a 503 (a token names one key source,
-#: a route one permission: two rounds settle any request; a third covers a rotation race).
-MAX_ROUNDS = 3
+#: a memberOf needs one userinfo answer, a route one permission: four rounds settle any
+#: request; a fifth covers a rotation race).
+MAX_ROUNDS = 5
 RETRY_AFTER = 5
 
 
