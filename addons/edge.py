@@ -39,8 +39,9 @@ from mitmproxy import flow as mflow
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import HttpErrorHook
 
-from stagedoor.edge import ConnectionBook, EdgeSettings, LogThrottle
+from stagedoor.edge import ConnectionBook, EdgeSettings, LogThrottle, http_date
 from stagedoor.errors import ERROR_NAMES, error_body, utf8_safe
+from stagedoor.head import VIA, finish_response_head
 from stagedoor.logsetup import redact_target
 from stagedoor.runtime import Runtime
 
@@ -87,7 +88,11 @@ class Edge:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def load(self, loader: Any) -> None:
-        mitm_internals.install_edge(self.settings, self._head_started, self._crashed)
+        mitm_internals.install_edge(self.settings, self._head_started, self._crashed,
+                                    self._interim)
+
+    def _interim(self, status: int, forwarded: bool) -> None:
+        self.count(f"interim_{status}_{'forwarded' if forwarded else 'dropped'}")
 
     def running(self) -> None:
         root = logging.getLogger()
@@ -213,11 +218,32 @@ class Edge:
             conn.body_timer = None
         if flow.request.trailers:
             self._drop_trailers(flow, flow.request, "request")
+        record = record_of(flow.metadata)
+        if flow.response is None and record is not None and record.forwarded:
+            flow.request.headers.fields += (VIA,)  # RFC 9110 §7.6.3, a gateway MUST
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        # A streamed answer's head leaves before the response hook: finish it here.
+        if flow.response is not None and flow.response.stream:
+            self._finish_head(flow, None)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None and flow.response.trailers:
-            self._drop_trailers(flow, flow.response, "response")
+        resp = flow.response
+        if resp is not None:
+            if resp.trailers:
+                self._drop_trailers(flow, resp, "response")
+            if not resp.stream:
+                self._finish_head(flow, len(resp.raw_content or b""))
         self._flow_ended(flow)
+
+    def _finish_head(self, flow: http.HTTPFlow, body_length: int | None) -> None:
+        resp = flow.response
+        assert resp is not None
+        if flow.request.method == "HEAD":
+            body_length = None  # keep what the upstream said the body would be
+        resp.headers.fields = finish_response_head(resp.headers.fields,
+                                                   flow.request.http_version, body_length,
+                                                   http_date())
 
     def _drop_trailers(self, flow: http.HTTPFlow, message: http.Message, which: str) -> None:
         names = sorted({name.decode("latin-1").lower() for name, _ in message.trailers.fields})

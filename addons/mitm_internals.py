@@ -48,6 +48,13 @@ Each entry: the private name; why stagedoor needs it; what would replace it.
    ``addonmanager.cut_traceback`` (``addons/lean.py``): per-event handler lists on the hot path
    (~120 µs per request, measured). *Replacement:* a cheaper dispatch in mitmproxy itself.
 
+11. ``_http1.Http1Client.read_headers`` (wrapped). mitmproxy takes an upstream's interim
+    ``1xx`` answer (``103 Early Hints``) for the final one: the client got the ``103`` as the
+    answer and the real one was lost, or on a kept-alive connection taken as the answer to the
+    next request (a response desync). We read interim answers off first: ``102``/``103`` are
+    forwarded to HTTP/1.1 clients (RFC 9110 §15.2; hop-by-hop fields removed), ``100`` (the
+    proxy already answered ``Expect`` itself) and anything to an HTTP/1.0 client are dropped.
+    *Replacement:* interim response support in mitmproxy's HTTP/1 client.
 10. ``http.MessageData.__post_init__`` (replaced by a no-op, ``addons/lean.py``): mitmproxy's
     ``__debug__``-only type checks of every message. Kept after a bounded loopback A/B (708 ->
     635 µs of proxy CPU per request, -10%), applied only while a behavioural guard finds it is
@@ -80,8 +87,9 @@ from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 
-from stagedoor.edge import EdgeSettings
+from stagedoor.edge import EdgeSettings, http_date
 from stagedoor.errors import ERROR_NAMES, JSON_CONTENT_TYPE, SECURITY_HEADERS, error_body
+from stagedoor.head import is_token
 from stagedoor.runtime import Limits, State
 
 log = logging.getLogger("stagedoor.gateway")
@@ -122,6 +130,7 @@ def json_error_response(status_code: int, message: str = "") -> bytes:
             log.debug("malformed request rejected by the HTTP parser: %s", message)
         body = error_body(status_code, name, public, "", "")
     headers = http.Headers(  # no "Server: mitmproxy <version>"
+        Date=http_date().decode(),
         Connection="close",
         Content_Type=JSON_CONTENT_TYPE,
     )
@@ -465,6 +474,58 @@ def _read_body_with_trailers(self: _http1.Http1Connection, event: events.Event):
         result = yield command
 
 
+# -- (11) interim 1xx answers from an upstream ---------------------------------------------------
+_original_client_read_headers: Callable[..., object] | None = None
+_HOP_BY_HOP_1XX = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te",
+                             b"trailer", b"transfer-encoding", b"upgrade", b"content-length",
+                             b"proxy-authenticate"})
+_interim_listener: Callable[[int, bool], None] | None = None
+
+
+def interim_head(data: bytes) -> tuple[int, bytes] | None:
+    """(status, the whole head) when ``data`` starts with a complete interim (1xx, not 101)
+    response head; None otherwise (another answer, or not complete yet)."""
+    if not data.startswith(b"HTTP/1.") or data[12:13] not in (b" ", b"\r", b"\n") \
+            or not data[9:12].isdigit() or data[9:10] != b"1" or data[9:12] == b"101":
+        return None
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    return int(data[9:12]), data[:end + 4]
+
+
+def forwardable_interim(head: bytes) -> bytes:
+    """An upstream's interim head as it goes to the client: status line rebuilt, hop-by-hop
+    and malformed fields left out."""
+    lines = head[:-4].split(b"\r\n")
+    out = [b"HTTP/1.1 " + lines[0][9:12] + b" " + (lines[0][13:].strip() or b"Informational")]
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not is_token(name) or any(c in value for c in (b"\r"[0], b"\n"[0], 0)):
+            continue
+        if name.lower() in _HOP_BY_HOP_1XX:
+            continue
+        out.append(name + b": " + value.strip())
+    return b"\r\n".join(out) + b"\r\n\r\n"
+
+
+def _read_response_headers(self: _http1.Http1Client, event: events.Event):  # type: ignore[no-untyped-def]
+    assert _original_client_read_headers is not None
+    if isinstance(event, events.DataReceived) and self.request is not None:
+        while True:
+            found = interim_head(_prefix(self.buf, 65536))
+            if found is None:
+                break
+            status, head = found
+            self.buf.maybe_extract_lines()  # exactly that head
+            forward = status in (102, 103) and self.request.http_version == "HTTP/1.1"
+            if forward:
+                yield commands.SendData(self.context.client, forwardable_interim(head))
+            if _interim_listener is not None:
+                _interim_listener(status, forward)
+    return (yield from _original_client_read_headers(self, event))  # type: ignore[misc]
+
+
 # -- (8) a crash inside a connection's layers ----------------------------------------------------
 CRASH_MESSAGE = "mitmproxy has crashed!"
 _crash_listener: Callable[[server.ConnectionHandler, BaseException | None], None] | None = None
@@ -506,6 +567,7 @@ def check_internals() -> None:
         "_http1.make_body_reader": getattr(_http1, "make_body_reader", None),
         "_http1.Http1Server.read_headers": getattr(_http1.Http1Server, "read_headers", None),
         "_http1.Http1Connection.read_body": getattr(_http1.Http1Connection, "read_body", None),
+        "_http1.Http1Client.read_headers": getattr(_http1.Http1Client, "read_headers", None),
         "HttpStream.check_body_size": getattr(http_layers.HttpStream, "check_body_size", None),
         "HttpStream.check_killed": getattr(http_layers.HttpStream, "check_killed", None),
         "HttpStream.send_response": getattr(http_layers.HttpStream, "send_response", None),
@@ -527,22 +589,24 @@ def check_internals() -> None:
 def install_edge(edge: Callable[[], EdgeSettings],
                  on_head_started: Callable[[str], None] | None = None,
                  on_crash: Callable[[server.ConnectionHandler, BaseException | None], None]
-                 | None = None) -> None:
+                 | None = None,
+                 on_interim: Callable[[int, bool], None] | None = None) -> None:
     """Providers for (2)-(8) from ``addons/edge.py``: ``edge()`` answers the connection limits
     now serving; ``on_head_started(client_id)`` is called when bytes of a request head arrive;
     ``on_crash(handler, exception)`` when a connection's layers crashed. A later call replaces
     them."""
-    global _edge, _head_listener, _crash_listener
+    global _edge, _head_listener, _crash_listener, _interim_listener
     _edge = edge
     _head_listener = on_head_started
     _crash_listener = on_crash
+    _interim_listener = on_interim
     _install_limits()
 
 
 def _install_limits() -> None:
     """Install (2)-(6) and (8) once (they read ``_state()`` and ``_edge()`` per use)."""
     global _original_read_headers, _original_check_body_size, _original_check_killed
-    global _original_read_body, _original_make_body_reader
+    global _original_read_body, _original_make_body_reader, _original_client_read_headers
     if _original_read_headers is not None:
         return
     check_internals()
@@ -552,6 +616,8 @@ def _install_limits() -> None:
     _original_check_killed = stream.check_killed
     _original_read_body = h1conn.read_body
     _original_make_body_reader = _http1.make_body_reader
+    _original_client_read_headers = _http1.Http1Client.read_headers
+    _http1.Http1Client.read_headers = _read_response_headers  # type: ignore[method-assign]
     h1server.read_headers = _limited_read_headers  # type: ignore[method-assign]
     stream.check_body_size = _limited_check_body_size  # type: ignore[method-assign]
     stream.check_killed = _check_killed_or_answer_from_head  # type: ignore[method-assign]

@@ -18,6 +18,7 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from email.utils import formatdate
 
 from .config import Config, ConfigError
 from .head import HeadRules, UnderscoreAction, normalise_name, parse_underscore_action
@@ -25,6 +26,18 @@ from .head import HeadRules, UnderscoreAction, normalise_name, parse_underscore_
 #: File descriptors kept back from ``maxConnections`` for upstream connections, key fetches,
 #: the admin listener, logs and policy files (each client connection may need one upstream).
 FD_RESERVE = 64
+
+
+_date_cache: tuple[int, bytes] = (-1, b"")
+
+
+def http_date(now: float | None = None) -> bytes:
+    """The ``Date`` value for now (IMF-fixdate, RFC 9110 §5.6.7), formatted once per second."""
+    global _date_cache
+    second = int(time.time() if now is None else now)
+    if _date_cache[0] != second:
+        _date_cache = (second, formatdate(second, usegmt=True).encode("ascii"))
+    return _date_cache[1]
 
 
 def default_max_connections() -> int:

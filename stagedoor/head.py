@@ -76,6 +76,11 @@ _HOST = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[
 _VERSIONS = frozenset({"HTTP/1.0", "HTTP/1.1"})
 
 
+def is_token(name: bytes) -> bool:
+    """Whether ``name`` is a field name (``token``, RFC 9110 §5.1, §5.6.2)."""
+    return _TOKEN.match(name) is not None
+
+
 def normalise_name(name: str | bytes) -> str:
     """A field name as CGI/WSGI would see it, for comparisons: lower case, ``_`` read as ``-``."""
     text = name.decode("latin-1") if isinstance(name, bytes) else name
@@ -230,3 +235,32 @@ def parse_underscore_action(text: str | None) -> UnderscoreAction:
         return UnderscoreAction(str(text).strip().lower())
     except ValueError:
         raise ValueError(f"must be one of drop, reject, allow; got {text!r}") from None
+
+
+# -- on the way out -------------------------------------------------------------------------------
+#: What stagedoor adds to every request it forwards (RFC 9110 §7.6.3: "An HTTP-to-HTTP gateway
+#: MUST send an appropriate Via header field in each inbound request message").
+VIA = (b"Via", b"1.1 stagedoor")
+
+
+def finish_response_head(fields: Sequence[Field], request_version: str, body_length: int | None,
+                         date: bytes) -> tuple[Field, ...]:
+    """A response head as it may leave for the client.
+
+    - ``Date`` is added when absent (RFC 9110 §6.6.1: an origin with a clock MUST send it in
+      2xx-4xx answers, and a recipient that forwards an answer without one MUST append it).
+    - To an HTTP/1.0 request, no ``Transfer-Encoding`` (RFC 9112 §6.1: "A server MUST NOT send a
+      response containing Transfer-Encoding unless the corresponding request indicates
+      HTTP/1.1"): the body is then framed by ``Content-Length`` (``body_length``, when the whole
+      body is known) or by closing the connection (a streamed answer).
+    """
+    out = list(fields)
+    names = {name.lower() for name, _ in out}
+    if b"date" not in names:
+        out.append((b"Date", date))
+    if request_version == "HTTP/1.0" and b"transfer-encoding" in names:
+        out = [(n, v) for n, v in out
+               if n.lower() not in (b"transfer-encoding", b"content-length")]
+        if body_length is not None:
+            out.append((b"Content-Length", str(body_length).encode()))
+    return tuple(out)

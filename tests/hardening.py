@@ -210,6 +210,14 @@ class _Handler(socketserver.BaseRequestHandler):
             return False
         if kind == "empty":
             return False  # close without a byte
+        if kind == "early-hints":  # an interim 1xx answer before the final one
+            sock.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+                         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 8\r\n\r\n{\"b\": 2}")
+            return True
+        if kind == "no-date":  # (every answer of this upstream comes without Date)
+            self._send(sock, 200, b"{}")
+            return True
         if kind == "trailers":  # a chunked answer with a trailer section
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                          b"Transfer-Encoding: chunked\r\nTrailer: X-Checksum, Set-Cookie\r\n"

@@ -159,6 +159,7 @@ def assert_clean_forward(case: EdgeCase, env: HardEnv, seen: list) -> None:  # t
     assert len(environ.get("HTTP_X_FORWARDED_HOST", [])) <= 1
     assert environ.get("HTTP_X_FORWARDED_HOST", ["127.0.0.1"]) != ["admin.internal"]
     assert environ.get("HTTP_X_FORWARDED_PROTO") == ["http"]
+    assert environ.get("HTTP_VIA") == ["1.1 stagedoor"], environ.get("HTTP_VIA")
     for forbidden in ("HTTP_AUTHORIZATION", "HTTP_AUTHOR_IZATION", "HTTP_X_REAL_IP",
                       "HTTP_X_HTTP_METHOD_OVERRIDE", "HTTP_X_ORIGINAL_URL", "HTTP_X_CUSTOM_NOTE"):
         assert forbidden not in environ, (forbidden, environ)
@@ -317,6 +318,48 @@ def test_client_abort_is_499_not_an_upstream_502(env):
     assert (record["status"], record["check"]) == (499, "client"), record
     assert metric(env, "stagedoor_requests_total", status="499", check="client") >= 1
     assert metric(env, "stagedoor_requests_total", status="502", check="upstream") == 0
+
+
+# -- on the way out: Date, HTTP/1.0 framing, interim answers (RFC 9110 §6.6.1, §15.2; 9112 §6.1) --
+@pytest.mark.parametrize("raw", [
+    pytest.param(b"GET /api/fixture/items/abc HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                 id="a local 401"),
+    pytest.param(b"GET /api/fixture/fault/no-date HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 b"\r\n", id="a forwarded answer that had no Date"),
+    pytest.param(b"BROKEN\r\n\r\n", id="the parser's 400"),
+])
+def test_every_answer_carries_a_date(env, raw):
+    (resp,) = parse_responses(exchange(env.port, raw))
+    date = resp.getheader("date")
+    assert date is not None and date.endswith(" GMT"), resp.getheaders()
+    import email.utils
+
+    assert abs(email.utils.parsedate_to_datetime(date).timestamp() - time.time()) < 60
+
+
+def test_an_http10_client_never_gets_a_chunked_answer(env):
+    answer = exchange(env.port, b"GET /api/fixture/fault/trailers HTTP/1.0\r\nHost: x\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"transfer-encoding" not in head.lower(), head
+    assert b"\r\nContent-Length: 7" in head and body == b'{"a":1}'
+
+
+def test_interim_answers_reach_http11_clients_and_never_desync_a_connection(env):
+    answer = exchange(env.port, b"GET /api/fixture/fault/early-hints HTTP/1.1\r\nHost: x\r\n\r\n"
+                                b"GET /api/fixture/fault/ok HTTP/1.1\r\nHost: x\r\n"
+                                b"Connection: close\r\n\r\n")
+    responses = parse_responses(answer)
+    assert [r.status for r in responses] == [103, 200], answer[:500]
+    assert responses[0].getheader("link") == "</a.css>; rel=preload"
+    assert responses[1].body == b'{"b": 2}'  # type: ignore[attr-defined]
+    # the second request's answer comes after, whole: nothing shifted by one
+    assert answer.count(b"HTTP/1.1 200 ") == 2 and answer.endswith(b'"target": "/fault/ok"}')
+
+
+def test_interim_answers_are_never_sent_to_http10_clients(env):
+    answer = exchange(env.port, b"GET /api/fixture/fault/early-hints HTTP/1.0\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert b" 103 " not in answer and answer.endswith(b'{"b": 2}')
 
 
 def test_in_flight_returns_to_zero_and_nothing_crashed(env):

@@ -278,3 +278,28 @@ def test_log_throttle_tells_causes_apart_by_exception_and_place():
     assert all(throttle.filter(_record("Addon error", e, name="mitmproxy.addonmanager"))
                for e in errors)
     assert not throttle.filter(_record("Addon error", errors[0], name="mitmproxy.addonmanager"))
+
+
+# -- on the way out ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("fields", "version", "length", "want"), [
+    ([(b"Content-Type", b"a")], "HTTP/1.1", 3,
+     [(b"Content-Type", b"a"), (b"Date", b"D")]),
+    ([(b"date", b"old")], "HTTP/1.1", 3, [(b"date", b"old")]),
+    ([(b"Transfer-Encoding", b"chunked"), (b"Date", b"x")], "HTTP/1.1", 3,
+     [(b"Transfer-Encoding", b"chunked"), (b"Date", b"x")]),
+    ([(b"Transfer-Encoding", b"chunked"), (b"Date", b"x")], "HTTP/1.0", 3,
+     [(b"Date", b"x"), (b"Content-Length", b"3")]),
+    ([(b"transfer-encoding", b"chunked"), (b"Content-Length", b"9"), (b"Date", b"x")],
+     "HTTP/1.0", None, [(b"Date", b"x")]),  # streamed: framed by closing the connection
+])
+def test_finish_response_head(fields, version, length, want):
+    from stagedoor.head import finish_response_head
+
+    assert list(finish_response_head(fields, version, length, b"D")) == want
+
+
+def test_http_date_is_an_imf_fixdate():
+    from stagedoor.edge import http_date
+
+    assert http_date(0) == b"Thu, 01 Jan 1970 00:00:00 GMT"
+    assert http_date(784111777) == b"Sun, 06 Nov 1994 08:49:37 GMT"  # RFC 9110's example

@@ -163,3 +163,25 @@ def test_the_edge_answers_a_crashed_connection_with_json_500_and_closes_it(monke
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"X-Request-Id: crash-1" in head and b"Server:" not in head
     assert json.loads(body)["response"] == {"statusCode": 500}
+
+
+@pytest.mark.parametrize(("data", "want"), [
+    (b"HTTP/1.1 103 Early Hints\r\nLink: <a>\r\n\r\nHTTP/1.1 200 OK\r\n", 103),
+    (b"HTTP/1.1 100 Continue\r\n\r\n", 100),
+    (b"HTTP/1.1 102 Processing\r\n\r\n", 102),
+    (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", None),
+    (b"HTTP/1.1 200 OK\r\n\r\n", None),
+    (b"HTTP/1.1 103 Early Hints\r\nLink: <a>\r\n", None),  # not complete yet
+    (b"HTTP/1.1 1033 x\r\n\r\n", None),
+    (b"garbage", None),
+])
+def test_interim_heads_are_recognised(data, want):
+    found = mitm_internals.interim_head(data)
+    assert (found[0] if found else None) == want
+
+
+def test_interim_heads_lose_hop_by_hop_and_malformed_fields():
+    head = (b"HTTP/1.0 103 \r\nLink: </a.css>\r\nConnection: x\r\nKeep-Alive: 1\r\n"
+            b"Transfer-Encoding: chunked\r\nBad Name: x\r\nnocolon\r\n\r\n")
+    assert mitm_internals.forwardable_interim(head) == (
+        b"HTTP/1.1 103 Informational\r\nLink: </a.css>\r\n\r\n")
