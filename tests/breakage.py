@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,8 @@ BREAKAGES: tuple[Breakage, ...] = (
     b("jku header followed (not refused)", AUTH + "strategies.py",
       ('REFUSED_HEADERS = ("jku", "x5u", "jwk", "crit", "b64")',
        'REFUSED_HEADERS = ("x5u", "jwk", "crit", "b64")')),
+    b("kid of any JSON type", AUTH + "strategies.py",
+      ('if not isinstance(token.header.get("kid", ""), str):', "if False:")),
     b("time claims of any JSON type", AUTH + "strategies.py",
       ("if value is not None and not _is_number(value):", "if False:")),
     # -- jwt.decode arguments
@@ -199,6 +202,7 @@ def apply(breakage: Breakage, text: str) -> str:
 
 def main(argv: list[str]) -> int:
     chosen = [int(a) for a in argv] or list(range(1, len(BREAKAGES) + 1))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still remove the copy
     with tempfile.TemporaryDirectory(prefix="stagedoor-breakage-") as tmp:
         where = Path(tmp)
         _copy_repository(where)

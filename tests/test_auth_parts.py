@@ -166,8 +166,8 @@ def strategy(clock: Clock) -> JwtStrategy:
     return JwtStrategy(ClockedJWT(clock), leeway=5)
 
 
-@pytest.mark.parametrize("header", [{"b64": True}, {"jku": "http://e"}, {"x5u": "http://e"},
-                                    {"jwk": {"kty": "EC"}}])
+@pytest.mark.parametrize("header", [{"crit": ["exp"]}, {"b64": True}, {"jku": "http://e"},
+                                    {"x5u": "http://e"}, {"jwk": {"kty": "EC"}}])
 def test_extension_and_key_location_headers_are_refused_before_any_key(key, header):
     clock = Clock()
     token = sign({"alg": "ES256", "kid": key.kid, **header},
@@ -177,15 +177,31 @@ def test_extension_and_key_location_headers_are_refused_before_any_key(key, head
     assert info.value.reason == f"token carries a '{next(iter(header))}' header"
 
 
-def test_a_critical_extension_is_refused_by_jwt_decode_before_any_strategy(key):
+def test_jwt_decode_refuses_an_unknown_critical_extension_too(key):
     clock = Clock()
     token = sign({"alg": "ES256", "crit": ["exp"]}, {"exp": int(clock.now) + 60},
                  key.private_key, "ES256")
     with pytest.raises(jwt.InvalidTokenError, match="critical extension"):
         jwt.decode(token, key.private_key.public_key(), algorithms=["ES256"])
+
+
+def test_peek_wants_json_objects_for_header_and_payload(key):
+    token = mint_user_token(key, issuer="http://x/api/auth", now=1000)
+    header, _, signature = token.split(".")
     with pytest.raises(CredentialError) as info:
-        peek(token)
-    assert info.value.message == "Illegal token" and "critical extension" in info.value.reason
+        peek(f"{header}.WzEsMl0.{signature}")  # [1,2]
+    assert info.value.reason == "not a JWT: header or payload is not a JSON object"
+
+
+@pytest.mark.parametrize("kid", [["a"], {"a": 1}, 7, None])
+def test_a_kid_that_is_not_a_string_is_refused_before_any_key_lookup(key, kid):
+    clock = Clock()
+    token = sign({"alg": "ES256", "kid": kid}, {"exp": int(clock.now) + 60}, key.private_key,
+                 "ES256")
+    source = JwksClient("http://127.0.0.1:9/jwks.json", kind="user", name="auth", clock=clock)
+    with pytest.raises(CredentialError) as info:
+        strategy(clock).signing_key(source, peek(token), ClaimRules(("exp",)), clock.now)
+    assert info.value.reason == "kid header is not a string"
 
 
 @pytest.mark.parametrize("value", ["9999999999", True, 10**400, [1]])

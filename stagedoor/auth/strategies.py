@@ -11,13 +11,16 @@ JWTs are verified by ``jwt.decode`` (PyJWT): signature with the algorithms the *
 ``aud``/``iss`` against config, unknown ``crit`` extensions refused. What PyJWT does not do is
 ours and stays here: ``jku``/``x5u``/``jwk``/``crit``/``b64`` headers are refused outright, time
 claims must be JSON numbers, Backstage's ``sub``/``ent`` shapes, and the choice of key set.
-Every claim check runs once before any key is looked up (so a token that would fail anyway never
-causes a key-set fetch), and again with the signature.
+When the key is not held yet, every claim check runs before the key set is asked (so a token
+that would fail anyway never causes a fetch, and an expired token is a 401 even while its key
+set is down); ``jwt.decode`` then checks everything again with the signature.
 """
 
 from __future__ import annotations
 
+import base64
 import hmac
+import json
 import math
 import re
 from collections import OrderedDict
@@ -77,19 +80,24 @@ def _canonical(segment: str) -> bool:
     return rest == 0 or (rest != 1 and segment[-1] in _CANONICAL_LAST[rest])
 
 
-_UNVERIFIED = jwt.PyJWT()
+def _json_segment(segment: str) -> Any:
+    try:
+        return json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (ValueError, RecursionError):  # bad base64, bad UTF-8 or bad JSON
+        return None
 
 
 def peek(token: str) -> UnverifiedToken:
-    """The header and claims of ``token``, unverified; CredentialError when it is not a JWT."""
+    """The header and claims of ``token``, unverified, only to pick a strategy and a key set
+    (``jwt.decode`` parses it again, as the authority); CredentialError when not a JWT."""
     match = _COMPACT_JWS.fullmatch(token)
     if match is None or not all(_canonical(segment) for segment in match.groups()):
         raise CredentialError(MSG_ILLEGAL_TOKEN, "not a JWT and not a static token")
-    try:
-        decoded = _UNVERIFIED.decode_complete(token, options={"verify_signature": False})
-    except jwt.InvalidTokenError as exc:
-        raise CredentialError(MSG_ILLEGAL_TOKEN, f"not a JWT: {_short(str(exc))}") from None
-    return UnverifiedToken(token, decoded["header"], decoded["payload"])
+    header, claims = _json_segment(match[1]), _json_segment(match[2])
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise CredentialError(MSG_ILLEGAL_TOKEN, "not a JWT: header or payload is not a JSON "
+                              "object")
+    return UnverifiedToken(token, header, claims)
 
 
 # -- jwt.decode, on the verifier's clock ----------------------------------------------------------
@@ -182,15 +190,22 @@ class JwtStrategy:
     def fail(self, reason: str) -> CredentialError:
         return CredentialError(self.message, self.prefix + reason)
 
-    def screen(self, token: UnverifiedToken, rules: ClaimRules) -> None:
-        """Everything but the signature, before any key is looked up."""
+    def refuse_odd_shapes(self, token: UnverifiedToken) -> None:
+        """What PyJWT allows and stagedoor does not: key-naming or extension headers, time
+        claims that are not JSON numbers."""
         for name in REFUSED_HEADERS:
             if name in token.header:
                 raise self.fail(f"token carries a '{name}' header")
+        if not isinstance(token.header.get("kid", ""), str):
+            raise self.fail("kid header is not a string")
         for name in ("exp", "nbf", "iat"):
             value = token.claims.get(name)
             if value is not None and not _is_number(value):
                 raise self.fail(f"{name} claim is not a number")
+
+    def screen(self, token: UnverifiedToken, rules: ClaimRules) -> None:
+        """Everything but the signature (before a key set is asked for a key)."""
+        self.refuse_odd_shapes(token)
         try:
             self._jwt.decode(token.token, **rules.arguments(verify_signature=False))
         except jwt.InvalidTokenError as exc:
@@ -199,6 +214,7 @@ class JwtStrategy:
     def decode(self, token: UnverifiedToken, key: Any, algorithms: Iterable[str],
                rules: ClaimRules) -> dict[str, Any]:
         """``jwt.decode`` with the signature: the claims, or a CredentialError."""
+        self.refuse_odd_shapes(token)
         allowed = sorted(algorithms)
         try:
             return self._jwt.decode(token.token, key, algorithms=allowed,
@@ -209,9 +225,19 @@ class JwtStrategy:
         except jwt.InvalidTokenError as exc:
             raise self.fail(_reason(exc, token.claims)) from None
 
-    def signing_key(self, source: JwksClient, token: UnverifiedToken, now: float) -> SigningKey:
+    def signing_key(self, source: JwksClient | None, token: UnverifiedToken, rules: ClaimRules,
+                    now: float, source_for: Callable[[], JwksClient] | None = None) -> SigningKey:
+        """The key to verify ``token`` with. When ``source`` does not hold it (or there is no
+        source yet, and ``source_for`` makes one), the claims are screened first."""
+        self.refuse_odd_shapes(token)
+        kid = token.header.get("kid")
+        if source is None or source.lookup(kid, now)[0] != "key":
+            self.screen(token, rules)
+        if source is None:
+            assert source_for is not None
+            source = source_for()
         try:
-            return source.get_signing_key(token.header.get("kid"), now)
+            return source.get_signing_key(kid, now)
         except SigningKeyNotFound as exc:
             raise self.fail(str(exc)) from None
 
@@ -250,14 +276,13 @@ class UserTokens(JwtStrategy):
                                 issuers, leeway)
 
     def verify(self, token: UnverifiedToken, now: float) -> Principal:
-        self.screen(token, self.rules)
         sub, ent = token.claims.get("sub"), token.claims.get("ent")
         if not isinstance(sub, str) or not _USER_REF_PATTERN.fullmatch(sub):
             raise self.fail(f"sub is not a user entity ref: {_short(sub)}")
         if ent is not None and (not isinstance(ent, list)
                                 or not all(isinstance(e, str) for e in ent)):
             raise self.fail("ent claim is not a list of entity refs")
-        key = self.signing_key(self.source, token, now)
+        key = self.signing_key(self.source, token, self.rules, now)
         claims = self.decode(token, key.key, key.algorithms, self.rules)
         return Principal("user", sub, ownership=tuple(ent or ()), source="user",
                          expires_at=float(claims["exp"]))
@@ -294,8 +319,8 @@ class PluginTokens(JwtStrategy):
         if not isinstance(sub, str) or not is_plugin_id(sub):
             raise self.fail(f"sub is not a plugin id: {_short(sub)}")
         rules = ClaimRules(("exp", "iat", "sub", "aud"), plugin_id, None, self.leeway)
-        self.screen(token, rules)
-        key = self.signing_key(self.source_for(sub, now), token, now)
+        key = self.signing_key(self.pinned.get(sub) or self.learnt.get(sub), token, rules, now,
+                               lambda: self.source_for(sub, now))
         claims = self.decode(token, key.key, key.algorithms, rules)
         return Principal("service", f"plugin:{sub}", source="plugin",
                          expires_at=float(claims["exp"]))
@@ -356,7 +381,7 @@ class LegacyTokens(JwtStrategy):
         self.rules = ClaimRules(("exp",), None, None, leeway)
 
     def verify(self, token: UnverifiedToken, plugin_id: str) -> Principal:
-        self.screen(token, self.rules)
+        self.refuse_odd_shapes(token)
         match: tuple[LegacyAccess, dict[str, Any]] | None = None
         failure: jwt.InvalidTokenError | None = None
         arguments = self.rules.arguments(verify_signature=True)
@@ -415,17 +440,19 @@ class JwksTokens(JwtStrategy):
         needs: list[JwksClient] = []
         unavailable: JwksClient | None = None
         reasons: list[str] = []
+        self.refuse_odd_shapes(token)
         for entry, source in candidates:
             rules = ClaimRules(("exp", "sub"), entry.audiences, entry.issuers, self.leeway)
-            try:
-                self.screen(token, rules)
-            except CredentialError as exc:
-                reasons.append(f"{entry.key}: {exc.reason.removeprefix(self.prefix)}")
-                continue
             if not isinstance(alg, str) or alg not in entry.algorithms:
                 reasons.append(f"{entry.key}: algorithm {_short(alg)} not configured")
                 continue
             outcome, key = source.lookup(token.header.get("kid"), now)
+            if outcome != "key":  # no fetch, no 503, for a token this entry refuses anyway
+                try:
+                    self.screen(token, rules)
+                except CredentialError as exc:
+                    reasons.append(f"{entry.key}: {exc.reason.removeprefix(self.prefix)}")
+                    continue
             if outcome == "fetch":
                 if source not in needs:
                     needs.append(source)
