@@ -6,17 +6,14 @@ process exits 0 when the last request in flight has been answered or when
 ``stagedoor.shutdown.gracePeriod`` (default 10s) is over, whichever comes first. A second signal
 ends it at once.
 
-:func:`operations_addons` builds the addons that run a sidecar in production (this one, the
-access log, metrics and the admin listener, hot reload), in the order they must run.
+The wiring (which addons run, in which order, and the signal handlers) is in ``master.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import weakref
-from typing import Any
 
 from mitmproxy import ctx, http
 
@@ -107,36 +104,3 @@ class Lifecycle:
                 await asyncio.sleep(FLUSH_DELAY)
         log.info("stagedoor stopped")
         ctx.master.shutdown()
-
-
-def operations_addons(runtime: Runtime, admin: tuple[str, int] | bool | None = True,
-                      ) -> list[Any]:
-    """The addons that go right after the gateway, in order.
-
-    ``admin``: True for ``stagedoor.admin.listen``, an address (``--admin``), or None/False for
-    no admin listener.
-    """
-    from .accesslog import AccessLog
-    from .admin import AdminServer, Metrics
-    from .reload import Reloader
-
-    lifecycle = Lifecycle(runtime)
-    reloader = Reloader(runtime)
-    metrics = Metrics(runtime, lifecycle=lifecycle, reloader=reloader)
-    address = runtime.state.operations.admin_listen if admin is True else admin or None
-    return [lifecycle, AccessLog(runtime), metrics, reloader,
-            AdminServer(metrics, lifecycle, address)]
-
-
-def install_signal_handlers(master: Any) -> None:
-    """SIGTERM/SIGINT: graceful shutdown (plain shutdown without a Lifecycle); SIGHUP: reload.
-
-    Call inside the running event loop, on the main thread.
-    """
-    loop = asyncio.get_running_loop()
-    lifecycle = master.addons.get("lifecycle")
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lifecycle.shutdown if lifecycle else master.shutdown)
-    reloader = master.addons.get("reloader")
-    if reloader is not None:
-        loop.add_signal_handler(signal.SIGHUP, reloader.trigger)

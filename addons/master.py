@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -20,9 +21,12 @@ from stagedoor.gcfreeze import freeze_loaded
 from stagedoor.runtime import Runtime
 
 from . import lean
+from .accesslog import AccessLog
+from .admin import AdminServer, Metrics
 from .edge import Edge, PlainListenerOnly
 from .gateway import Gateway
-from .lifecycle import install_signal_handlers, operations_addons
+from .lifecycle import Lifecycle
+from .reload import Reloader
 
 log = logging.getLogger("stagedoor")
 
@@ -58,6 +62,36 @@ class ReadyAnnouncer:
         addrs = [(a[0], a[1]) for a in server.listen_addrs()] if server else []
         if self.on_ready is not None:
             self.on_ready(addrs)
+
+
+# -- wiring ----------------------------------------------------------------------------------------
+def operations_addons(runtime: Runtime, admin: tuple[str, int] | bool | None = True,
+                      ) -> list[Any]:
+    """The addons that go right after the gateway, in order.
+
+    ``admin``: True for ``stagedoor.admin.listen``, an address (``--admin``), or None/False for
+    no admin listener.
+    """
+    lifecycle = Lifecycle(runtime)
+    reloader = Reloader(runtime)
+    metrics = Metrics(runtime, lifecycle=lifecycle, reloader=reloader)
+    address = runtime.state.operations.admin_listen if admin is True else admin or None
+    return [lifecycle, AccessLog(runtime), metrics, reloader,
+            AdminServer(metrics, lifecycle, address)]
+
+
+def install_signal_handlers(master: Any) -> None:
+    """SIGTERM/SIGINT: graceful shutdown (plain shutdown without a Lifecycle); SIGHUP: reload.
+
+    Call inside the running event loop, on the main thread.
+    """
+    loop = asyncio.get_running_loop()
+    lifecycle = master.addons.get("lifecycle")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lifecycle.shutdown if lifecycle else master.shutdown)
+    reloader = master.addons.get("reloader")
+    if reloader is not None:
+        loop.add_signal_handler(signal.SIGHUP, reloader.trigger)
 
 
 def proxy_options(host: str, port: int) -> dict[str, Any]:

@@ -110,10 +110,10 @@ async def _measure(runtime: Any, token: str, access_log: Path, requests: int,
         HttpResponseHook,
     )
 
-    from addons import mitm_internals
-    from addons.master import build_lean_master
     from stagedoor.decide import GatewayRequest, decide
     from stagedoor.head import check_head
+    from stagedoor_addons import mitm_internals
+    from stagedoor_addons.master import build_lean_master
 
     m = build_lean_master(runtime, "127.0.0.1", 0, admin=None)
     m.addons.get("tlsconfig").configure({"confdir"})

@@ -20,11 +20,11 @@ import sys
 from mitmproxy import master, options
 from mitmproxy.addons import core, errorcheck, next_layer, proxyserver
 
-from addons import lean
-from addons.master import PolicyOnlyTlsConfig, proxy_options
 from stagedoor import eventloop
 from stagedoor.gcfreeze import freeze_loaded
 from stagedoor.runtime import Limits
+from stagedoor_addons import lean
+from stagedoor_addons.master import PolicyOnlyTlsConfig, proxy_options
 
 
 class _Ready:

@@ -248,7 +248,7 @@ stagedoor:
             (policies / "insights.yaml").write_text(generated_policy(routes))
         elif policies is None:
             policies = ROOT / "policies"
-        args = [self.python, "-m", "stagedoor.cli", "run", "--config", str(config),
+        args = [self.python, "-m", "stagedoor_addons", "run", "--config", str(config),
                 "--policies", str(policies), "--listen", "127.0.0.1:0",
                 "--admin", "127.0.0.1:0" if admin else "off"]
         if workers != 1:

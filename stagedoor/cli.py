@@ -1,7 +1,9 @@
-"""The ``stagedoor`` command: run, check, demo, token.
+"""The ``stagedoor`` command: run, check, demo, token, explain, openapi, inspect.
 
-mitmproxy is imported only inside the commands that start a proxy, so ``check`` and ``token``
-stay fast and the core package stays mitmproxy-free.
+The core package never imports mitmproxy or the addons. The commands that start a proxy
+(``run``, ``demo``, ``inspect``) get it from a :class:`ProxyStarter` that the composition root
+passes to :func:`main`: ``stagedoor_addons.main`` (the installed ``stagedoor`` command and
+``python -m stagedoor_addons``). ``python -m stagedoor.cli`` runs the other commands only.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, Protocol
 
 from .config import ConfigError
 from .policy import PolicyLoadError
@@ -23,6 +27,35 @@ DEFAULT_LISTEN = "127.0.0.1:7007"
 DEV_DIR = Path(".stagedoor/dev")
 
 log = logging.getLogger("stagedoor")
+
+
+class ProxyStarter(Protocol):
+    """The mitmproxy side, as the commands that start a proxy use it."""
+
+    #: ``python -m <module>`` runs this command line with a proxy (the ``--workers``).
+    module: str
+
+    def serve(self, runtime: Any, host: str, port: int, *,
+              on_ready: Callable[[list[tuple[str, int]]], None] | None,
+              admin: tuple[str, int] | bool | None) -> Coroutine[Any, Any, None]: ...
+
+    def serve_web(self, runtime: Any, host: str, port: int, web_host: str, web_port: int,
+                  settings: Any, *, on_ready: Callable[[list[tuple[str, int]], str], None]
+                  ) -> Coroutine[Any, Any, None]: ...
+
+    def inspect_settings(self, config: Any, settings: Any, *, max_flows: int | None,
+                         save_path: str | None) -> Any: ...
+
+
+_starter: ProxyStarter | None = None
+
+
+def _proxy() -> ProxyStarter | None:
+    """The proxy side, or None after saying how to get one."""
+    if _starter is None:
+        print("stagedoor: this command starts a proxy: run it as `stagedoor` (or "
+              "`python -m stagedoor_addons`), not `python -m stagedoor.cli`", file=sys.stderr)
+    return _starter
 
 
 def _setup_logging(level: str = "info", fmt: str = "text") -> None:
@@ -159,6 +192,8 @@ def _start_dev_backend(args: argparse.Namespace, host: str, port: int, admin):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if _proxy() is None:
+        return 1
     config_files = _config_files(args)
     dev_backend = None
     if args.dev:  # the listen address is known before the config only when given
@@ -190,6 +225,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, config_files: list[str], dev_backend) -> int:
+    proxy = _proxy()
+    assert proxy is not None  # cmd_run checked
     runtime = _load_runtime(config_files, args.policies)
     if runtime is None:
         return 1
@@ -228,7 +265,7 @@ def _run(args: argparse.Namespace, config_files: list[str], dev_backend) -> int:
                      runtime.state.policies.route_count)
 
         return supervisor.supervise(
-            args.argv, args.workers, host, port,
+            proxy.module, args.argv, args.workers, host, port,
             runtime.state.operations.admin_listen if admin is True else admin or None,
             runtime.state.operations.grace_period, all_ready)
     if args.worker_index is not None:  # one of the supervisor's workers
@@ -241,10 +278,8 @@ def _run(args: argparse.Namespace, config_files: list[str], dev_backend) -> int:
         def ready(addrs: list[tuple[str, int]]) -> None:  # the supervisor says "listening"
             supervisor.announce_ready(ready_fd, index)
 
-    from addons.master import serve
-
     log.info("stagedoor event loop: %s", loop.reason)
-    asyncio.run(serve(runtime, host, port, on_ready=ready, admin=admin),
+    asyncio.run(proxy.serve(runtime, host, port, on_ready=ready, admin=admin),
                 loop_factory=loop_factory)
     return 0
 
@@ -277,6 +312,9 @@ def _web_address(text: str) -> tuple[str, int]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    proxy = _proxy()
+    if proxy is None:
+        return 1
     runtime = _load_runtime(_config_files(args), args.policies)
     if runtime is None:
         return 1
@@ -286,11 +324,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         web_host, web_port = _web_address(args.web)
     except argparse.ArgumentTypeError as exc:
         return _fail(str(exc))
-    from addons.inspect import InspectSettings
-
     try:
-        settings = InspectSettings.from_config(runtime.state.config, runtime.state.settings,
-                                               max_flows=args.max_flows, save_path=args.save)
+        settings = proxy.inspect_settings(runtime.state.config, runtime.state.settings,
+                                          max_flows=args.max_flows, save_path=args.save)
     except ConfigError as exc:
         return _fail(str(exc))
 
@@ -304,10 +340,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
               + (f"; saving to {settings.save_path}" if settings.save_path else "") + ")\n",
               file=sys.stderr, flush=True)
 
-    from addons.master import serve_web
-
     try:
-        asyncio.run(serve_web(runtime, host, port, web_host, web_port, settings, on_ready=ready))
+        asyncio.run(proxy.serve_web(runtime, host, port, web_host, web_port, settings,
+                                    on_ready=ready))
     except OSError as exc:  # the web port is taken, --save cannot be written...
         import errno
 
@@ -320,6 +355,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 # -- demo ------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
+    proxy = _proxy()
+    if proxy is None:
+        return 1
     from .demo import DemoBackend
     from .devkeys import generate_dev_keys, mint_plugin_token, mint_user_token
 
@@ -377,9 +415,7 @@ stagedoor demo: sidecar on http://{h}:{p}, demo upstream on {backend.base_url}
   # mint more: ./run.sh token --user user:default/someone
 """, flush=True)
 
-    from addons.master import serve
-
-    asyncio.run(serve(runtime, host, port, on_ready=ready, admin=admin))
+    asyncio.run(proxy.serve(runtime, host, port, on_ready=ready, admin=admin))
     backend.shutdown()
     return 0
 
@@ -573,7 +609,11 @@ def _worker_count(text: str) -> int:
     return int(text)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, proxy: ProxyStarter | None = None) -> int:
+    """Run one command; ``proxy``: the mitmproxy side, for the commands that start a proxy."""
+    global _starter
+    if proxy is not None:
+        _starter = proxy
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for --workers: the workers' own
     return int(args.func(args) or 0)

@@ -35,6 +35,14 @@ from typing import Any, Literal, Protocol
 
 from .config import Config, ConfigError
 from .errors import JSON_CONTENT_TYPE, ApiError, render_error
+from .ratelimit_algorithms import (
+    GcraResult,
+    StoreError,
+    WindowCount,
+    fixed_window_hit,
+    gcra,
+    redact_url,
+)
 
 log = logging.getLogger("stagedoor.ratelimit")
 
@@ -302,11 +310,6 @@ class StoreSpec:
         return f"redis {redact_url(self.url)}"
 
 
-def redact_url(url: str) -> str:
-    """A Redis URL without its password, for logs."""
-    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
-
-
 def _store_spec(config: Config, key: str, raw: Any, base: StoreSpec) -> StoreSpec:
     if not isinstance(raw, dict):
         raise _invalid(config, key, "use {type: memory} or {type: redis, connection: redis://...}")
@@ -495,54 +498,7 @@ def parse_rules(raw: Any, plugin_id: str, scope: str, file: str, lines: Sequence
     return tuple(rules)
 
 
-# -- the algorithms (pure) ------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class WindowCount:
-    """A fixed window's state after a hit: hits so far and when the window ends (epoch ms)."""
-
-    hits: int
-    reset_at_ms: float
-
-
-def fixed_window_hit(state: WindowCount | None, now_ms: float, window_ms: int) -> WindowCount:
-    """``express-rate-limit``'s MemoryStore ``increment``: a new window starts at the first hit
-    after the last one ended."""
-    if state is None or state.reset_at_ms <= now_ms:
-        return WindowCount(1, now_ms + window_ms)
-    return WindowCount(state.hits + 1, state.reset_at_ms)
-
-
-@dataclass(frozen=True, slots=True)
-class GcraResult:
-    allowed: bool
-    remaining: int  # requests that could still go now
-    retry_after_ms: float  # 0 when allowed; else until the next one fits
-    reset_after_ms: float  # until the bucket is full again (nothing remembered)
-    tat_ms: float  # the theoretical arrival time to store (unchanged when refused)
-
-
-def gcra(tat_ms: float | None, now_ms: float, interval_ms: float, burst: int) -> GcraResult:
-    """Generic cell rate algorithm: ``burst`` requests at once, then one per ``interval_ms``.
-
-    ``tat_ms`` is the stored theoretical arrival time (None: nothing stored); the caller stores
-    the returned ``tat_ms`` when the request is allowed (and it is not a peek).
-    """
-    tat = max(tat_ms if tat_ms is not None else now_ms, now_ms)
-    capacity = burst * interval_ms
-    new_tat = tat + interval_ms
-    if new_tat - now_ms > capacity + 1e-9:
-        retry = new_tat - now_ms - capacity
-        remaining = max(0, int((capacity - (tat - now_ms)) // interval_ms))
-        return GcraResult(False, remaining, retry, tat - now_ms, tat)
-    remaining = max(0, int((capacity - (new_tat - now_ms) + 1e-9) // interval_ms))
-    return GcraResult(True, remaining, 0.0, new_tat - now_ms, new_tat)
-
-
 # -- stores ---------------------------------------------------------------------------------------
-class StoreError(Exception):
-    """The store could not answer (unreachable, timed out, refused)."""
-
-
 class Store(Protocol):
     """Counts behind one interface; chosen once at load (memory | redis)."""
 

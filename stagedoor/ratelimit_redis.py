@@ -23,7 +23,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from .ratelimit import GcraResult, StoreError, WindowCount, gcra, redact_url
+from .ratelimit_algorithms import GcraResult, StoreError, WindowCount, gcra, redact_url
 
 log = logging.getLogger("stagedoor.ratelimit")
 

@@ -349,10 +349,11 @@ def _describe(code: int) -> str:
 
 
 def worker_command(argv: Sequence[str], host: str, port: int, admin: tuple[str, int] | None,
-                   ) -> Callable[[int, int], list[str]]:
-    """The command line of worker ``index``: the parent's own ``run`` arguments, minus
-    ``--workers``, plus the resolved listen address, its admin address and the ready pipe."""
-    base = [sys.executable, "-m", "stagedoor.cli", *strip_option(argv, "--workers")]
+                   module: str = "stagedoor_addons") -> Callable[[int, int], list[str]]:
+    """The command line of worker ``index``: ``python -m <module>`` (the command that starts a
+    proxy) with the parent's own ``run`` arguments, minus ``--workers``, plus the resolved listen
+    address, its admin address and the ready pipe."""
+    base = [sys.executable, "-m", module, *strip_option(argv, "--workers")]
 
     def command(index: int, ready_fd: int) -> list[str]:
         return [*base, "--listen", format_address(host, port), "--admin",
@@ -362,10 +363,11 @@ def worker_command(argv: Sequence[str], host: str, port: int, admin: tuple[str, 
     return command
 
 
-def supervise(argv: Sequence[str], count: int, host: str, port: int,
+def supervise(module: str, argv: Sequence[str], count: int, host: str, port: int,
               admin: tuple[str, int] | None, grace_period: float,
               on_ready: Callable[[str, int, list[int]], None]) -> int:
-    """The ``--workers N`` parent: reserve the address, run the workers, return the exit status.
+    """The ``--workers N`` parent: reserve the address, run ``count`` workers (``python -m
+    module``), return the exit status.
 
     ``on_ready(host, port, pids)`` runs once every worker listens.
     """
@@ -379,7 +381,7 @@ def supervise(argv: Sequence[str], count: int, host: str, port: int,
     # One signing-key seed for all workers: they publish and sign with the same plugin keys.
     os.environ.setdefault(SEED_ENV, Seed.new().encode())
     supervisor = Supervisor(
-        count, worker_command(argv, host, port, admin),
+        count, worker_command(argv, host, port, admin, module),
         on_ready=lambda pids: on_ready(host, port, pids),
         stop_grace=grace_period + STOP_MARGIN,
     )

@@ -210,7 +210,7 @@ def _pump(stream: Any, sink: list[str]) -> None:
 
 def start_sidecar(config_files: list[Path], policy_dir: Path, env: dict[str, str] | None = None,
                   extra_args: list[str] | None = None, timeout: float = 20.0) -> Sidecar:
-    args = [sys.executable, "-m", "stagedoor.cli", "run", "--policies", str(policy_dir),
+    args = [sys.executable, "-m", "stagedoor_addons", "run", "--policies", str(policy_dir),
             "--listen", "127.0.0.1:0"]
     for f in config_files:
         args += ["--config", str(f)]

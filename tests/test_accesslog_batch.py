@@ -8,8 +8,8 @@ import asyncio
 import io
 import json
 
-from addons import accesslog
-from addons.accesslog import AccessLog
+from stagedoor_addons import accesslog
+from stagedoor_addons.accesslog import AccessLog
 
 from .test_live_units import Files, handled_flow
 

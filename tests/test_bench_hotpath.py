@@ -80,7 +80,7 @@ def test_requests_do_no_parsing_compiling_or_logging_setup(tmp_path, monkeypatch
     monkeypatch.setattr(http.MessageData, "__post_init__", http.MessageData.__post_init__)
 
     async def serve_requests() -> None:
-        from addons.master import build_lean_master
+        from stagedoor_addons.master import build_lean_master
 
         m = build_lean_master(runtime, "127.0.0.1", 0, admin=None)
         m.addons.get("tlsconfig").configure({"confdir"})

@@ -198,7 +198,7 @@ def test_run_dev_token_group_matches_a_member_of_rule_through_the_proxy(tmp_path
                                    ["--listen", "127.0.0.1:0", "--admin", "0.0.0.0:0"],
                                    ["--listen", "127.0.0.1:0", "--workers", "2"]])
 def test_run_dev_is_refused_unless_every_listener_is_loopback(tmp_path, flags):
-    result = subprocess.run([sys.executable, "-m", "stagedoor.cli", "run", "--dev",
+    result = subprocess.run([sys.executable, "-m", "stagedoor_addons", "run", "--dev",
                              "--dev-dir", str(tmp_path), *flags],
                             cwd=ROOT, env={**CLEAN_ENV, "INSIGHTS_API_URL": "http://127.0.0.1:1"},
                             capture_output=True, text=True, timeout=30,
@@ -212,7 +212,7 @@ def test_run_dev_is_refused_when_the_config_listens_beyond_loopback(tmp_path):
         insights: {externalApiUrl: http://127.0.0.1:1}
         stagedoor: {admin: {listen: 0.0.0.0:0}}
         """)
-    result = subprocess.run([sys.executable, "-m", "stagedoor.cli", "run", "--dev", "--config",
+    result = subprocess.run([sys.executable, "-m", "stagedoor_addons", "run", "--dev", "--config",
                              str(config), "--dev-dir", str(tmp_path / "dev"), "--listen",
                              "127.0.0.1:0"], cwd=ROOT, env=CLEAN_ENV, capture_output=True,
                             text=True, timeout=30, stdin=subprocess.DEVNULL)

@@ -215,7 +215,7 @@ def image_files(tmp_path: Path) -> dict[str, Any]:
     entrypoint = json.loads(docker_instruction("ENTRYPOINT")[0])
     cmd = json.loads(docker_instruction("CMD")[0])
     assert entrypoint[0] == "stagedoor"
-    argv = [sys.executable, "-m", "stagedoor.cli", *entrypoint[1:], *(local(a) for a in cmd)]
+    argv = [sys.executable, "-m", "stagedoor_addons", *entrypoint[1:], *(local(a) for a in cmd)]
     return {"env": env, "argv": argv}
 
 

@@ -17,8 +17,8 @@ from mitmproxy.proxy.layers.http import (
 )
 from mitmproxy.test import tflow
 
-from addons.gateway import Gateway
 from bench.targets import REQUEST_PATH, UPSTREAM_PATH
+from stagedoor_addons.gateway import Gateway
 
 from .test_bench_hotpath import _runtime
 
@@ -34,7 +34,7 @@ def _flow(fields: list[tuple[bytes, bytes]]) -> http.HTTPFlow:
 
 def _drive(runtime, flow: http.HTTPFlow, replace_response: bool = False) -> int:
     """The four hooks through a lean master; how many times the response head was finished."""
-    from addons.master import build_lean_master
+    from stagedoor_addons.master import build_lean_master
 
     finished = [0]
     original = Gateway._finish_head

@@ -7,9 +7,9 @@ import asyncio
 import gc
 import weakref
 
-from addons import reload as reload_addon
-from addons.reload import Reloader
 from stagedoor.gcfreeze import freeze_loaded
+from stagedoor_addons import reload as reload_addon
+from stagedoor_addons.reload import Reloader
 
 from .test_live_units import Files
 

@@ -15,14 +15,14 @@ from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.test import tflow
 
-from addons import mitm_internals
-from addons.gateway import Gateway
-from addons.master import UnroutedGuard
 from stagedoor.config import ConfigError, load_config
 from stagedoor.errors import ApiError, error_body, render_error, utf8_safe
 from stagedoor.forwarding import CLIENT_OVERRIDES
 from stagedoor.runtime import Limits, Runtime
 from stagedoor.yamlsource import YamlSyntaxError, load_lined
+from stagedoor_addons import mitm_internals
+from stagedoor_addons.gateway import Gateway
+from stagedoor_addons.master import UnroutedGuard
 
 from .conftest import ROOT, write_config
 from .hardening import _billion_laughs

@@ -30,8 +30,8 @@ from mitmproxy.test import tflow
 from mitmproxy.tools.web import app
 from mitmproxy.tools.web.master import WebMaster
 
-from addons import inspect as insp
-from addons.gateway import META
+from stagedoor_addons import inspect as insp
+from stagedoor_addons.gateway import META
 
 TOKEN = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ1c2VyOmRlZmF1bHQvamFuZSJ9.c2lnbmF0dXJlLWJ5dGVz"
 COOKIE = "s3ss10n-c00kie-value"

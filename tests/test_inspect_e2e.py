@@ -145,7 +145,7 @@ class Inspect:
 
 
 def start_inspect(config: Path, policies: Path, save: Path, timeout: float = 20.0) -> Inspect:
-    args = [sys.executable, "-m", "stagedoor.cli", "inspect", "--policies", str(policies),
+    args = [sys.executable, "-m", "stagedoor_addons", "inspect", "--policies", str(policies),
             "--config", str(config), "--listen", "127.0.0.1:0", "--web", "127.0.0.1:0",
             "--max-flows", str(MAX_FLOWS), "--save", str(save)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INSIGHTS_", "BACKSTAGE_"))}
@@ -266,7 +266,7 @@ def _inspect_fails(tmp: Path, *extra: str) -> str:
         insights: {externalApiUrl: http://127.0.0.1:9}
         """)
     result = subprocess.run(
-        [sys.executable, "-m", "stagedoor.cli", "inspect", "--policies", str(policies),
+        [sys.executable, "-m", "stagedoor_addons", "inspect", "--policies", str(policies),
          "--config", str(config), "--listen", "127.0.0.1:0", *extra],
         cwd=ROOT, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
     assert result.returncode == 1, result.stderr.decode()[-2000:]

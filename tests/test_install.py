@@ -166,7 +166,7 @@ def test_stagedoor_run_refuses_an_unsupported_mitmproxy_before_listening(tmp_pat
     # The real CLI with the installed metadata read back as an unsupported release.
     script = ("import sys; from importlib import metadata; real = metadata.version\n"
               "metadata.version = lambda n: '99.0' if n == 'mitmproxy' else real(n)\n"
-              "from stagedoor.cli import main; sys.exit(main(sys.argv[1:]))")
+              "from stagedoor_addons.main import main; sys.exit(main(sys.argv[1:]))")
     result = subprocess.run([sys.executable, "-c", script, "run", "--listen", "127.0.0.1:0"],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1

@@ -14,7 +14,7 @@ from mitmproxy import addonmanager, exceptions, hooks, master, options
 from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
 from mitmproxy.test import tflow
 
-from addons import lean
+from stagedoor_addons import lean
 
 
 class Recorder:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from addons import mitm_internals
+from stagedoor_addons import mitm_internals
 
 
 def _by_regex(data: bytes) -> int:

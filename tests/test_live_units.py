@@ -16,11 +16,6 @@ from mitmproxy.test import tflow
 from prometheus_client.parser import text_string_to_metric_families
 from watchfiles import Change
 
-from addons.accesslog import AccessLog, access_record
-from addons.admin import AdminServer, Metrics, parse_head
-from addons.lifecycle import Lifecycle
-from addons.record import META, FlowRecord
-from addons.reload import Reloader, describe_changes, refusal_message, watch_plan
 from stagedoor.config import ConfigError, load_config
 from stagedoor.decide import Context, Decision, Deny, Forward, Upstream
 from stagedoor.errors import ApiError
@@ -42,6 +37,11 @@ from stagedoor.runtime import (
     parse_listen,
 )
 from stagedoor.tokens import Principal
+from stagedoor_addons.accesslog import AccessLog, access_record
+from stagedoor_addons.admin import AdminServer, Metrics, parse_head
+from stagedoor_addons.lifecycle import Lifecycle
+from stagedoor_addons.record import META, FlowRecord
+from stagedoor_addons.reload import Reloader, describe_changes, refusal_message, watch_plan
 
 KEYS = frozenset(DEFAULT_REDACTED_QUERY_KEYS)
 

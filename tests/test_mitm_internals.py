@@ -20,10 +20,10 @@ from types import SimpleNamespace
 import pytest
 from mitmproxy.test import tflow
 
-from addons import edge as edge_addon
-from addons import mitm_internals
-from addons.record import record_of
 from stagedoor.runtime import Runtime
+from stagedoor_addons import edge as edge_addon
+from stagedoor_addons import mitm_internals
+from stagedoor_addons.record import record_of
 
 from .conftest import ROOT, write_config
 from .hardening import HEADER_TIMEOUT, MAX_BODY_BYTES, MAX_HEADER_BYTES, HardEnv

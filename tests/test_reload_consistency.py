@@ -29,11 +29,11 @@ from typing import Any
 import pytest
 from mitmproxy.test import tflow
 
-from addons.gateway import Gateway
-from addons.record import record_of
 from stagedoor.decide import Forward
 from stagedoor.devkeys import DevKey, mint_user_token
 from stagedoor.runtime import Runtime, load_state
+from stagedoor_addons.gateway import Gateway
+from stagedoor_addons.record import record_of
 
 from .conftest import LoopbackServer, RecordingServer, start_sidecar
 

@@ -44,7 +44,7 @@ def test_worker_command_overrides_listen_and_admin_and_drops_workers():
     assert "--workers" not in args
     assert args[-8:] == ["--listen", "127.0.0.1:4321", "--admin", "127.0.0.1:9001",
                          "--worker-index", "1", "--ready-fd", "7"]
-    assert args[1:4] == ["-m", "stagedoor.cli", "run"]
+    assert args[1:4] == ["-m", "stagedoor_addons", "run"]
 
 
 def test_reserve_resolves_port_zero_and_does_not_accept_connections():
