@@ -183,7 +183,9 @@ def test_every_package_directory_is_installed():
     listed = setuptools.get("packages")
     if not isinstance(listed, list):  # find: all of them by construction
         return
-    found = sorted(".".join(init.parent.relative_to(ROOT).parts)
+    # addons/ installs as stagedoor_addons ([tool.setuptools.package-dir])
+    where = {folder: name for name, folder in setuptools.get("package-dir", {}).items()}
+    found = sorted(".".join((where.get(top, top), *init.parent.relative_to(ROOT / top).parts))
                    for top in ("stagedoor", "addons") for init in (ROOT / top).rglob("__init__.py")
                    if "__pycache__" not in init.parts)
     missing = [name for name in found if name not in listed]

@@ -141,13 +141,3 @@ def test_the_core_cli_alone_refuses_to_start_a_proxy(tmp_path):
                             timeout=60)
     assert result.returncode == 1
     assert "python -m stagedoor_addons" in result.stderr
-
-
-def test_every_core_subpackage_is_installed():
-    import tomllib
-
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-                 ["packages"])
-    subpackages = {".".join(("stagedoor", *p.parent.relative_to(ROOT / "stagedoor").parts))
-                   for p in (ROOT / "stagedoor").rglob("__init__.py")}
-    assert subpackages <= listed, subpackages - listed
