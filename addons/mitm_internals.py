@@ -250,6 +250,18 @@ def _head_problem(buf: bytearray, limits: Limits) -> tuple[bool, str | None]:
     return True, None
 
 
+URI_TOO_LONG = "Request target too long"
+
+
+def _request_line_too_long(buf: bytearray, max_bytes: int) -> bool:
+    """Whether the request line alone is over ``max_bytes`` (its end not within them)."""
+    if not max_bytes:
+        return False
+    window = _prefix(buf, max_bytes + 256).lstrip(b"\r\n")
+    end = window.find(b"\n")
+    return (end < 0 and len(window) > max_bytes) or end > max_bytes
+
+
 def _head_context(buf: bytearray, state: State) -> tuple[str, str]:
     """Method and plugin-relative url from a request line, for an error body; '' if unusable."""
     line = bytes(buf)[:8192].lstrip(b"\r\n").split(b"\n", 1)[0].rstrip(b"\r")
@@ -270,9 +282,13 @@ def _limited_read_headers(self: _http1.Http1Server, event: events.Event):  # typ
         complete, problem = _head_problem(self.buf, limits)
         if problem is not None:
             method, url = _head_context(self.buf, state)
-            body = error_body(431, ERROR_NAMES[431], problem, method, url)
-            register_error(problem, 431, body, tuple(state.security_headers.items()))
-            yield commands.SendData(self.conn, _http1.make_error_response(431, problem))
+            status = 431
+            if _request_line_too_long(self.buf, limits.max_header_bytes):
+                # RFC 9112 §3: a request-target longer than the server parses MUST get 414
+                status, problem, method, url = 414, URI_TOO_LONG, method, ""
+            body = error_body(status, ERROR_NAMES.get(status, "Error"), problem, method, url)
+            register_error(problem, status, body, tuple(state.security_headers.items()))
+            yield commands.SendData(self.conn, _http1.make_error_response(status, problem))
             yield commands.CloseConnection(self.conn)
             self.state = self.done
             _disarm_head_timer(self)
@@ -387,6 +403,7 @@ def _drop_request_body(self: http_layers.HttpStream, event: events.Event):  # ty
 # -- (5) (6) chunked bodies: bounded lines, trailers as events ------------------------------------
 CHUNK_LINE_TOO_LONG = "Chunk size line longer than stagedoor.limits.maxChunkLineBytes"
 TRAILERS_TOO_LARGE = "Trailer section larger than stagedoor.limits.maxHeaderBytes"
+MALFORMED_CHUNKED = "Malformed chunked request body"
 _original_read_body: Callable[..., object] | None = None
 _original_make_body_reader: Callable[..., object] | None = None
 
@@ -421,7 +438,12 @@ class BoundedChunkedReader(ChunkedReader):
               and size > self.max_line and b"\n" not in _prefix(buf, self.max_line + 2)):
             self.violation = (413, CHUNK_LINE_TOO_LONG)
             raise h11.RemoteProtocolError(CHUNK_LINE_TOO_LONG)
-        event = super().__call__(buf)
+        try:
+            event = super().__call__(buf)
+        except h11.ProtocolError:
+            if self.violation is None:  # (a nested call may have set a more exact one)
+                self.violation = (400, MALFORMED_CHUNKED)  # answered, not just closed
+            raise
         if isinstance(event, h11.EndOfMessage) and event.headers:
             self.trailers = [(bytes(name), bytes(value)) for name, value in event.headers]
             return h11.EndOfMessage()

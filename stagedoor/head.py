@@ -31,7 +31,8 @@ The rules, each with the RFC section that asks for it (docs/security.md has the 
 - ``Content-Length`` must be digits; several with different values, or together with
   ``Transfer-Encoding``, are 400 (RFC 9112 §6.3); ``Transfer-Encoding`` in an HTTP/1.0
   request is faulty framing, 400 (RFC 9112 §6.1).
-- ``Expect`` with anything but ``100-continue`` is 417 (RFC 9110 §10.1.1).
+- ``Expect`` with anything but ``100-continue`` is 417 (RFC 9110 §10.1.1); in an HTTP/1.0
+  request it is dropped (RFC 9110 §10.1.1: "MUST ignore"), so no ``100`` is ever sent to it.
 """
 
 from __future__ import annotations
@@ -184,6 +185,10 @@ def check_head(method: str, authority: str, path: str, http_version: str,
         elif lower == b"transfer-encoding":
             codings.append(value)
         elif lower == b"expect":
+            if http_version == "HTTP/1.0":  # RFC 9110 §10.1.1: MUST be ignored in HTTP/1.0
+                drop.append(index)
+                dropped.append(name.decode("latin-1"))
+                continue
             expects.append(value)
     if http_version == "HTTP/1.1" and len(hosts) != 1:
         return _refuse("no Host header" if not hosts else f"{len(hosts)} Host headers",
@@ -247,6 +252,9 @@ def finish_response_head(fields: Sequence[Field], request_version: str, body_len
                          date: bytes) -> tuple[Field, ...]:
     """A response head as it may leave for the client.
 
+    - Fields whose name is not a token are dropped, and CR, LF, NUL and other control bytes in
+      values become SP (RFC 9110 §5.5: a recipient MUST reject or replace them before
+      forwarding; an upstream answer is not refused for it).
     - ``Date`` is added when absent (RFC 9110 §6.6.1: an origin with a clock MUST send it in
       2xx-4xx answers, and a recipient that forwards an answer without one MUST append it).
     - To an HTTP/1.0 request, no ``Transfer-Encoding`` (RFC 9112 §6.1: "A server MUST NOT send a
@@ -254,7 +262,7 @@ def finish_response_head(fields: Sequence[Field], request_version: str, body_len
       HTTP/1.1"): the body is then framed by ``Content-Length`` (``body_length``, when the whole
       body is known) or by closing the connection (a streamed answer).
     """
-    out = list(fields)
+    out = [(name, _BAD_VALUE_BYTE.sub(b" ", value)) for name, value in fields if is_token(name)]
     names = {name.lower() for name, _ in out}
     if b"date" not in names:
         out.append((b"Date", date))

@@ -215,6 +215,11 @@ class _Handler(socketserver.BaseRequestHandler):
                          b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 8\r\n\r\n{\"b\": 2}")
             return True
+        if kind == "bad-header":  # control bytes and an obs-fold in answer header values
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"X-Cr: a\rSet-Cookie: injected=1\r\nX-Nul: a\x00b\r\n"
+                         b"X-Fold: a\r\n Set-Cookie: folded=1\r\nContent-Length: 2\r\n\r\n{}")
+            return True
         if kind == "no-date":  # (every answer of this upstream comes without Date)
             self._send(sock, 200, b"{}")
             return True
@@ -564,8 +569,8 @@ def long_targets() -> list[tuple[str, str, frozenset[int]]]:
         ("8000-char value", "/api/fixture/loose/" + "b" * 8000, frozenset({400})),
         ("3000 %-escapes", "/api/fixture/loose/" + "%41" * 3000, frozenset({400})),
         ("8000-char query", "/api/fixture/items/abc?q=" + "c" * 8000, ok_or_400),
-        ("head over the limit", "/api/fixture/loose/" + "d" * (MAX_HEADER_BYTES + 10),
-         frozenset({431})),
+        ("request line over the head limit", "/api/fixture/loose/" + "d" * (MAX_HEADER_BYTES + 10),
+         frozenset({414})),
         ("5000 dot segments", "/api/fixture/items" + "/.." * 5000, frozenset({400, 431})),
     ]
 
@@ -885,6 +890,12 @@ EDGE_CASES: list[EdgeCase] = [
              _chunked(chunks=b"0" * 5000 + b"5\r\nhello\r\n0\r\n\r\n"), frozenset({413})),
     EdgeCase("chunk lines", "endless chunk extension without credentials",
              _chunked(chunks=b"5;" + b"x" * (1 << 20), auth=False), frozenset({401, 413})),
+    EdgeCase("chunk lines", "chunk size that is not hex",
+             _chunked(chunks=b"zz\r\nhello\r\n0\r\n\r\n"), _400),
+    EdgeCase("chunk lines", "chunk data without its CRLF",
+             _chunked(chunks=b"5\r\nhelloXX0\r\n\r\n"), _400),
+    EdgeCase("chunk lines", "chunk size with a sign",
+             _chunked(chunks=b"+5\r\nhello\r\n0\r\n\r\n"), _400),
     EdgeCase("chunk lines", "short chunk extension is fine",
              _chunked(chunks=b"5;name=value\r\nhello\r\n0\r\n\r\n"), _OK, "clean", b"hello"),
     EdgeCase("chunk lines", "many small chunks are fine",
@@ -902,6 +913,9 @@ EDGE_CASES: list[EdgeCase] = [
     EdgeCase("targets and Host", "origin-form with HTTP/3.0", _raw(version="HTTP/3.0"), _400),
     EdgeCase("targets and Host", "authority-form GET",
              _raw(target="127.0.0.1:80"), _400),
+    EdgeCase("targets and Host", "request target over maxHeaderBytes",
+             _raw(target="/api/fixture/loose/" + "t" * (MAX_HEADER_BYTES + 1)),
+             frozenset({414})),
     EdgeCase("targets and Host", "two Host headers", _raw("Host: b.example"), _400),
     EdgeCase("targets and Host", "two identical Host headers", _raw("Host: 127.0.0.1"), _400),
     EdgeCase("targets and Host", "Host and host", _raw("host: 127.0.0.1"), _400),

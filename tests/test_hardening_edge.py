@@ -362,6 +362,26 @@ def test_interim_answers_are_never_sent_to_http10_clients(env):
     assert b" 103 " not in answer and answer.endswith(b'{"b": 2}')
 
 
+def test_expect_in_http10_is_ignored_no_100_is_sent(env):
+    answer = exchange(env.port, b"POST /api/fixture/items/abc HTTP/1.0\r\nHost: x\r\n"
+                                b"Authorization: Bearer " + env.token.encode()
+                      + b"\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello")
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert b" 100 " not in answer
+
+
+def test_control_bytes_in_upstream_answer_headers_never_reach_the_client(env):
+    answer = exchange(env.port, b"GET /api/fixture/fault/bad-header HTTP/1.1\r\nHost: x\r\n"
+                                b"Connection: close\r\n\r\n")
+    head = answer.partition(b"\r\n\r\n")[0]
+    lines = head.split(b"\r\n")
+    assert lines[0].startswith(b"HTTP/1.1 200 ")
+    assert not any(b"\r" in line or b"\n" in line or b"\x00" in line for line in lines)
+    assert not any(line.lower().startswith(b"set-cookie") for line in lines), lines
+    (resp,) = parse_responses(answer)
+    assert resp.getheader("x-cr") == "a Set-Cookie: injected=1"
+
+
 def test_in_flight_returns_to_zero_and_nothing_crashed(env):
     assert wait_for(lambda: metric(env, "stagedoor_requests_in_flight") == 0)
     assert env.alive() and env.healthy()
