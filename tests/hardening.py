@@ -1064,8 +1064,9 @@ def counts() -> list[tuple[str, str, int, str]]:
          _collected("test_hardening_units"), "test_hardening_units.py"),
         *[("edge", f"raw-socket: {family}", n, "test_hardening_edge.py")
           for family, n in edge_family_counts().items()],
-        ("edge", "raw-socket: Expect, upstream trailers, TLS on the plain listener, parser "
-                 "pages, idle and slow-body timeouts, client abort (499), in-flight gauge",
+        ("edge", "raw-socket: Expect, upstream trailers and 1xx, answer headers, Date, HTTP/1.0 "
+                 "framing, TLS on the plain listener, parser pages, idle and slow-body "
+                 "timeouts, client abort (499), in-flight gauge",
          _collected("test_hardening_edge") - len(EDGE_CASES), "test_hardening_edge.py"),
         ("edge", "resources: 8 unauthenticated 10 MiB POSTs (RSS), per-client connection cap",
          _collected("test_hardening_resources"), "test_hardening_resources.py"),
