@@ -539,13 +539,16 @@ class MemoryStore:
         return len(self._windows) + len(self._tats)
 
     def _bound(self, now: float) -> None:
+        """Room for a new key: sweep the expired ones; if that is not enough, drop the oldest
+        tenth at once, so a flood of new keys costs one sweep per tenth, not one per key."""
         if len(self._windows) + len(self._tats) < self.max_keys:
             return
         self._windows = {k: v for k, v in self._windows.items() if v.reset_at_ms > now}
         self._tats = {k: v for k, v in self._tats.items() if v[1] > now}
-        while self._windows and len(self._windows) + len(self._tats) >= self.max_keys:
+        target = self.max_keys - max(1, self.max_keys // 10)
+        while self._windows and len(self._windows) + len(self._tats) > target:
             del self._windows[next(iter(self._windows))]
-        while self._tats and len(self._windows) + len(self._tats) >= self.max_keys:
+        while self._tats and len(self._windows) + len(self._tats) > target:
             del self._tats[next(iter(self._tats))]
 
     async def window_hit(self, key: str, window_ms: int) -> WindowCount:

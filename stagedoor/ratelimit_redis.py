@@ -18,7 +18,7 @@ import logging
 import time
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
@@ -29,6 +29,8 @@ log = logging.getLogger("stagedoor.ratelimit")
 
 #: How long the store answers "unavailable" without trying, after a failure (seconds).
 COOLDOWN = 0.5
+#: Connections to Redis per process; checks beyond that wait for one (bounded by the timeout).
+MAX_CONNECTIONS = 64
 
 # rate-limit-redis's increment script (what Backstage runs), so counts can be shared with
 # Backstage replicas on the same Redis: the window starts at the first hit and is never moved.
@@ -84,10 +86,13 @@ class RedisStore:
     def __init__(self, url: str, timeout: float = 0.25) -> None:
         self.url = url
         self.timeout = timeout
-        self.client: Redis = Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0,
-            max_connections=256)
+        # A blocking pool: past max_connections a check waits (at most ``timeout``) for a free
+        # connection instead of failing at once.
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=timeout, socket_timeout=timeout,
+            socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
+            health_check_interval=0)
+        self.client: Redis = Redis(connection_pool=pool)
         self._window_hit = self.client.register_script(WINDOW_HIT)
         self._window_decrement = self.client.register_script(WINDOW_DECREMENT)
         self._gcra = self.client.register_script(GCRA)
@@ -133,5 +138,6 @@ class RedisStore:
     async def close(self) -> None:
         try:
             await self.client.aclose()
+            await self.client.connection_pool.disconnect()
         except (RedisError, OSError) as exc:  # closing a dead connection
             log.debug("closing the rate limit store: %s", exc)
