@@ -491,3 +491,33 @@ def test_store_error_is_never_a_hang(tmp_path: Path) -> None:
         assert asyncio.run(run())
     finally:
         sock.close()
+
+
+# -- reloads --------------------------------------------------------------------------------------
+def test_a_reload_keeps_the_store_and_its_counts_unless_the_store_changes(tmp_path: Path) -> None:
+    from stagedoor.runtime import Runtime, load_state
+
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "limited.yaml").write_text(
+        "pluginId: limited\nroutes:\n  - path: /x\n    auth: unauthenticated\n"
+        "    respond: {status: 200}\n")
+    config = tmp_path / "app-config.yaml"
+    config.write_text("backend:\n  baseUrl: http://127.0.0.1:1\n"
+                      "  rateLimit: {incomingRequestLimit: 1}\n")
+    runtime = Runtime.load([str(config)], str(policies))
+    first = runtime.state.limiter
+    first.count("limited", "r", "allowed")
+    config.write_text("backend:\n  baseUrl: http://127.0.0.1:1\n"
+                      "  rateLimit: {incomingRequestLimit: 7}\n")
+    runtime.apply(load_state([str(config)], str(policies), runtime.state))
+    assert runtime.state.limiter is first  # same store: counts survive the reload
+    assert runtime.state.ratelimit.global_limit is not None
+    assert runtime.state.ratelimit.global_limit.limit == 7  # the new settings apply
+    config.write_text("backend:\n  baseUrl: http://127.0.0.1:1\n"
+                      "  rateLimit:\n    incomingRequestLimit: 7\n"
+                      "    store: {type: redis, connection: 'redis://127.0.0.1:1'}\n")
+    runtime.apply(load_state([str(config)], str(policies), runtime.state))
+    assert runtime.state.limiter is not first
+    assert runtime.state.limiter.store.kind == "redis"
+    assert runtime.state.limiter.stats[("limited", "r", "allowed")] == 1  # counters go on
