@@ -136,14 +136,17 @@ class Gateway:
                           ", ".join(verdict.dropped_names))
                 record.dropped_fields = len(verdict.drop)
             # Backstage's limiters (backend.rateLimit) first: they count every request.
-            refused = await ratelimit.limit_head(flow, record, error_url(req.path, state))
-            if refused is not None:
-                record.decided(refused)
-                return
+            if state.ratelimit.backstage_enabled:
+                refused = await ratelimit.limit_head(flow, record, error_url(req.path, state))
+                if refused is not None:
+                    record.decided(refused)
+                    return
             decision = await resolve(GatewayRequest(
                 req.method, req.path, tuple(req.headers.get_all("authorization"))), state)
             # The policy's rateLimit rules, once the request is authenticated and routed.
-            decision = await ratelimit.limit_decided(flow, record, decision)
+            rules = ratelimit.rules_for(record, decision)
+            if rules:
+                decision = await ratelimit.limit_decided(flow, record, decision, rules)
         record.decided(decision)
         if decision.dry_run:
             for note in decision.dry_run:

@@ -25,7 +25,7 @@ from mitmproxy import http
 from stagedoor.decide import API_PREFIX, Context, Decision, Deny
 from stagedoor.errors import utf8_safe
 from stagedoor.logsetup import redact_target
-from stagedoor.ratelimit import LimitOutcome, client_ip, render_refusal
+from stagedoor.ratelimit import LimitOutcome, RateLimitRule, client_ip, render_refusal
 
 from .record import FlowRecord
 
@@ -60,8 +60,6 @@ def _refuse(flow: http.HTTPFlow, record: FlowRecord, outcome: LimitOutcome,
 async def limit_head(flow: http.HTTPFlow, record: FlowRecord, url: str) -> Deny | None:
     """Backstage's limiters; a Deny (already answered) when the request is refused."""
     settings = record.state.ratelimit
-    if not settings.backstage_enabled:
-        return None
     path = flow.request.path
     plugin: str | None = None
     if path.startswith(API_PREFIX):
@@ -75,17 +73,20 @@ async def limit_head(flow: http.HTTPFlow, record: FlowRecord, url: str) -> Deny 
     return _refuse(flow, record, outcome, Context(url, plugin))
 
 
-async def limit_decided(flow: http.HTTPFlow, record: FlowRecord,
-                        decision: Decision) -> Decision:
-    """The policy's rules for a routed request: the decision as it stands (dry-run notes
-    added), or a Deny (already answered) when a rule refuses it."""
+def rules_for(record: FlowRecord, decision: Decision) -> tuple[RateLimitRule, ...]:
+    """The policy's rules that count this request (none unless it was routed and got past
+    the principal checks): the route's, else the plugin's. Cheap: no await when empty."""
     route = decision.route
     if route is None or decision.check not in _CHECKED_AFTER:
-        return decision
+        return ()
     policy = record.state.policies.plugins.get(decision.plugin_id or "")
-    rules = policy.rate_limits_for(route) if policy is not None else ()
-    if not rules:
-        return decision
+    return policy.rate_limits_for(route) if policy is not None else ()
+
+
+async def limit_decided(flow: http.HTTPFlow, record: FlowRecord, decision: Decision,
+                        rules: tuple[RateLimitRule, ...]) -> Decision:
+    """The policy's ``rules`` (:func:`rules_for`) for a routed request: the decision as it
+    stands (dry-run notes added), or a Deny (already answered) when a rule refuses it."""
     outcome = record.ratelimit[1] if record.ratelimit is not None else LimitOutcome()
     headers: dict[str, str] = {}
     for rule in rules:
