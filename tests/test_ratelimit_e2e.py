@@ -306,3 +306,27 @@ def test_skip_successful_requests_gives_back_forwarded_successes(fleet: Fleet) -
     assert [get(sidecar, "/api/limited/items/x").status for _ in range(2)] == [401, 401]
     refused = get(sidecar, "/api/limited/items/x", jane)
     assert refused.status == 429 and refused.json() == BACKSTAGE_429
+
+
+def test_backstage_limiters_on_a_killed_redis_follow_their_pass_on_store_error(
+        fleet: Fleet, redis_server: RedisServer) -> None:
+    def config(pass_on: bool) -> str:
+        return f"""\
+            backend:
+              rateLimit:
+                incomingRequestLimit: 100
+                ipAllowList: []
+                passOnStoreError: {str(pass_on).lower()}
+                store: {{type: redis, connection: "{redis_server.url}"}}
+            """
+    passing, strict = fleet.start("passing", config(True)), fleet.start("strict", config(False))
+    assert get(passing, "/api/limited/open").header("X-RateLimit-Remaining") == "99"
+    assert get(strict, "/api/limited/open").header("X-RateLimit-Remaining") == "98"  # shared
+    redis_server.stop()
+    through = get(passing, "/api/limited/open")
+    assert through.status == 200 and through.header("X-RateLimit-Limit") is None
+    refused = get(strict, "/api/limited/open")
+    assert refused.status == 503 and refused.header("Retry-After") == "5"
+    assert refused.json()["error"]["name"] == "ServiceUnavailableError"
+    assert metric(passing, "", "backend.rateLimit", "store_error") == 1
+    assert metric(strict, "", "backend.rateLimit", "store_error") == 1
