@@ -278,12 +278,12 @@ class Edge:
             status, check, cause = 400, "parser", "malformed_request"
         if status is not None:
             self.count(cause)
-            record.failed(check, status)
+            record.failed(check, status, cause)  # the cause only: the message may quote bytes
             if status not in (499, 500):
                 record.outcome = "deny"
             level = logging.ERROR if status == 500 else logging.DEBUG
             log.log(level, "request %s ended with %d (%s): %s", record.request_id, status,
-                    check, message)
+                    check, message, extra={"request_id": record.request_id})
         self._flow_ended(flow)
 
     def _flow_ended(self, flow: http.HTTPFlow) -> None:

@@ -108,10 +108,12 @@ class Gateway:
         except Exception:  # fail closed: a bug here must never forward anything
             log.exception("internal error while handling %s %s", flow.request.method,
                           redact_target(record.target,
-                                        record.state.settings.redacted_query_keys))
+                                        record.state.settings.redacted_query_keys),
+                          extra={"request_id": record.request_id})
             self._cancel_timer(flow)
             record.decision = None
-            record.failed("internal")
+            record.failed("internal", reason="internal error (see the log line with this "
+                          "request_id)")
             try:
                 self._respond_error(flow, ApiError(500, "Internal error"), flow.request.path,
                                     record.state)
@@ -151,7 +153,7 @@ class Gateway:
         if decision.dry_run:
             for note in decision.dry_run:
                 log.warning("dry-run: %s %s: %s", req.method, decision.url.partition("?")[0],
-                            note)
+                            note, extra={"request_id": record.request_id})
         if flow.response is not None:  # refused by a rate limit rule, and answered
             return
         match decision:
@@ -163,7 +165,8 @@ class Gateway:
             case Deny(error=error):
                 if decision.reason:
                     log.debug("%s %s denied at %s: %s", req.method,
-                              decision.url.partition("?")[0], decision.check, decision.reason)
+                              decision.url.partition("?")[0], decision.check, decision.reason,
+                              extra={"request_id": record.request_id})
                 self._respond_error(flow, error, decision.url, state)
 
     async def _forward_async(self, flow: http.HTTPFlow, record: FlowRecord,
@@ -217,7 +220,7 @@ class Gateway:
             record.timed_out = True
         if not mitm_internals.close_server_connection(flow):
             log.warning("upstream timeout: could not find the server connection of flow %s",
-                        flow.id)
+                        flow.id, extra={"request_id": record.request_id if record else None})
 
     def _respond_error(self, flow: http.HTTPFlow, error: ApiError, url: str,
                        state: State) -> None:
@@ -297,7 +300,8 @@ class Gateway:
         level = logging.DEBUG if "client disconnected" in flow.error.msg.lower() else \
             logging.WARNING
         log.log(level, "upstream error for %s %s -> %s: %s", flow.request.method,
-                record.route, record.upstream, flow.error.msg)
+                record.route, record.upstream, flow.error.msg,
+                extra={"request_id": record.request_id})
         state = record.state
         url = _utf8_safe(redact_target(record.url, state.settings.redacted_query_keys))
         status, body, headers = render_error(error, _utf8_safe(flow.request.method), url)
@@ -307,7 +311,9 @@ class Gateway:
             body = b""  # a body after a HEAD answer would be read as the next response
         mitm_internals.register_error(flow.error.msg, status, body,
                                       tuple(state.security_headers.items()) + extra)
-        record.failed("upstream", status)  # for the access log and metrics (they run after)
+        # For the access log and metrics (they run after); the warning above has the details.
+        record.failed("upstream", status, "upstream timed out" if record.timed_out
+                      else f"upstream error: {flow.error.msg}")
 
 
 def error_url(target: str, state: State) -> str:

@@ -42,15 +42,18 @@ class FlowRecord:
     #: The upstream response whose head the gateway already finished (responseheaders), so the
     #: response hook does not redo it.
     finished_head: object | None = None
+    #: Why it failed after or instead of the decision (upstream refused, timed out, a bug).
+    error_reason: str = ""
 
     def decided(self, decision: Decision) -> None:
         self.decision = decision
         self.outcome = "allow" if decision.allowed else "deny"
         self.check = decision.check
 
-    def failed(self, check: str, status: int | None = None) -> None:
+    def failed(self, check: str, status: int | None = None, reason: str = "") -> None:
         self.outcome = "error"
         self.check = check
+        self.error_reason = reason
         if status is not None:
             self.status = status
 
@@ -83,7 +86,15 @@ class FlowRecord:
 
     @property
     def reason(self) -> str:
-        return self.decision.reason if isinstance(self.decision, Deny) else ""
+        """Why it was not allowed (log-only detail, never a secret): a denial's reason, else
+        its client-facing message; an error's cause. Empty for an allowed, answered flow."""
+        if self.error_reason:
+            return self.error_reason
+        if self.outcome == "error":
+            return f"{self.check} error"
+        if isinstance(self.decision, Deny):
+            return self.decision.reason or self.decision.error.message
+        return ""
 
     @property
     def url(self) -> str:

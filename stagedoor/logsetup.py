@@ -24,6 +24,9 @@ LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 REDACTED = "[REDACTED]"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: Fields a diagnostic line carries when it concerns one request (``extra=``), so an operator
+#: can join it with that request's access-log line.
+REQUEST_FIELDS = ("request_id",)
 
 # Third-party loggers whose INFO chatter is not an operator's concern.
 _QUIET_LOGGERS = ("mitmproxy", "httpx", "httpcore", "watchfiles", "asyncio")
@@ -51,9 +54,29 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for key in REQUEST_FIELDS:  # log.warning(..., extra={"request_id": ...})
+            value = getattr(record, key, None)
+            if value is not None:
+                entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger: message``, then ``request_id=...`` when the record concerns one."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        extra = " ".join(f"{key}={_logfmt_value(getattr(record, key))}"
+                         for key in REQUEST_FIELDS if getattr(record, key, None) is not None)
+        if not extra:
+            return text
+        head, sep, tail = text.partition("\n")  # after the message, before a traceback
+        return f"{head} {extra}{sep}{tail}"
 
 
 class _StagedoorHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -81,7 +104,7 @@ def configure_logging(level: str = "info", fmt: str = "text",
         if isinstance(handler, _StagedoorHandler):
             root.removeHandler(handler)
     handler = _StagedoorHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root.addHandler(handler)
     root.setLevel(parse_level(level))
     quiet = max(logging.WARNING, root.level)
