@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from stagedoor.config import ConfigError
 from stagedoor.gcfreeze import freeze_loaded
 from stagedoor.logsetup import configure_logging
 from stagedoor.policy import PolicyLoadError, PolicyProblem, policy_files
+from stagedoor.policydiff import plugin_names, removed
 from stagedoor.runtime import Runtime, State, input_fingerprint, load_state
 
 log = logging.getLogger("stagedoor.reload")
@@ -41,6 +43,19 @@ log = logging.getLogger("stagedoor.reload")
 WATCH_STEP_MS = 100
 WATCH_DEBOUNCE_MS = 1000
 MAX_PROBLEMS_IN_LINE = 5
+
+#: Names editors give their temporary and backup files: sed -i's ``sedXXXXXX``, vim's swap files
+#: and ``4913`` probe, ``name~`` backups, emacs' ``.#name`` locks and ``#name#`` autosaves,
+#: JetBrains' ``___jb_tmp___``, gedit's ``.goutputstream-*``, ``*.tmp``. Never read by a load;
+#: their events trigger nothing and are never named in a log line.
+EDITOR_TEMP_FILE = re.compile(
+    r"sed[A-Za-z0-9]{6}|4913|.*~|\.#.*|#.*#|\..*\.sw[a-p]x?|.*___jb_(?:tmp|old)___"
+    r"|\.goutputstream-.*|.*\.tmp")
+
+
+def is_editor_temp_file(name: str) -> bool:
+    """True for an editor's temporary or backup file name (see :data:`EDITOR_TEMP_FILE`)."""
+    return not name.startswith("..") and EDITOR_TEMP_FILE.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,8 @@ class WatchPlan:
 
     def __call__(self, change: Change, path: str) -> bool:
         parent, name = os.path.split(path)
+        if is_editor_temp_file(name):
+            return False
         return parent in self.whole or name.startswith("..") or \
             name in self.names.get(parent, ())
 
@@ -89,7 +106,8 @@ def watch_plan(config_files: Sequence[str], policy_dir: str) -> WatchPlan:
 
 def describe_changes(changes: Iterable[tuple[Change, str]], limit: int = 3) -> str:
     """``insights.yaml modified, ..data added`` (at most ``limit`` names, then a count)."""
-    items = sorted({f"{Path(path).name} {change.name}" for change, path in changes})
+    items = sorted({f"{Path(path).name} {change.name}" for change, path in changes
+                    if not is_editor_temp_file(Path(path).name)})
     text = ", ".join(items[:limit])
     if len(items) > limit:
         text += f" and {len(items) - limit} more"
@@ -113,6 +131,7 @@ class Reloader:
         self.stats: dict[str, int] = {"success": 0, "failure": 0}
         self.last_success: float | None = None  # epoch seconds
         self._refused: str | None = None  # fingerprint of the inputs last refused
+        self._refusals = 0  # refused reloads since the last good state was (re)established
         self._lock: asyncio.Lock | None = None
         self._stop: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -149,6 +168,9 @@ class Reloader:
             files, policy_dir = list(runtime.config_files), runtime.policy_dir
             fingerprint = await asyncio.to_thread(input_fingerprint, files, policy_dir)
             if not force and fingerprint in (runtime.state.fingerprint, self._refused):
+                if fingerprint == runtime.state.fingerprint and self._refusals:
+                    self._recovered("the files are back to what is being served")
+                    self._refused = None
                 return None
             started = time.perf_counter()
             try:
@@ -166,6 +188,7 @@ class Reloader:
                 self._apply(state, trigger, started)
                 return True
             self._refused = fingerprint
+            self._refusals += 1
             self.stats["failure"] += 1
             log.error("stagedoor reload refused (%s), still serving the last good policy: %s",
                       trigger, problem)
@@ -174,6 +197,7 @@ class Reloader:
     def _apply(self, state: State, trigger: str, started: float) -> None:
         runtime = self.runtime
         old_ops = runtime.state.operations
+        gone = removed(runtime.state.policies, state.policies)
         report = runtime.apply(state)
         self._refused = None
         freeze_loaded(reload=True)  # the new policies out of the collector's full passes
@@ -187,12 +211,21 @@ class Reloader:
         kept = [name for name, replaced in (("token verifier", report.verifier_replaced),
                                             ("permission cache", report.authorizer_replaced))
                 if not replaced]
-        log.info("stagedoor reloaded (%s): %d plugin(s), %d route(s) in %.1f ms%s", trigger,
-                 report.plugins, report.routes, (time.perf_counter() - started) * 1000,
-                 f"; kept the {' and '.join(kept)}" if kept else "")
+        log.info("stagedoor reloaded (%s): %d plugin(s), %d route(s) in %.1f ms; plugins: %s%s",
+                 trigger, report.plugins, report.routes, (time.perf_counter() - started) * 1000,
+                 plugin_names(state.policies), f"; kept the {' and '.join(kept)}" if kept else "")
+        if gone:
+            log.warning("stagedoor reload removed %s", gone.describe())
+        if self._refusals:
+            self._recovered("the edit loads and is served")
         if report.restart_needed:
             log.warning("stagedoor: %s changed; that takes effect at the next restart",
                         ", ".join(report.restart_needed))
+
+    def _recovered(self, how: str) -> None:
+        """The "back to good" line after one or more refused reloads."""
+        log.info("stagedoor reload recovered: %s (after %d failed reload(s))", how, self._refusals)
+        self._refusals = 0
 
     # -- watching --------------------------------------------------------------------------------
     async def _watch(self) -> None:
