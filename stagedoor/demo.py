@@ -31,7 +31,10 @@ class DemoBackend(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
     def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve_forever, name="demo-upstream", daemon=True)
+        # shutdown() waits for the loop to look at its flag: every 50 ms, not the default
+        # 0.5 s, so the process exits as soon as the sidecar has stopped.
+        thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
+                                  name="demo-upstream", daemon=True)
         thread.start()
         return thread
 
