@@ -384,11 +384,14 @@ def _why(run: dict[str, Any], v: Verdict) -> str:
         if v.met:
             return base + (" What is left per request is mostly mitmproxy's HTTP/1 machinery "
                            "(see the floor and the profile below).")
+        floor = run["ratios"].get("floor_vs_mitmdump")
         return base + (" Even so, this run fell short. The floor (the same lean master with no "
                        "stagedoor addon) bounds what stagedoor can reach: full policy can never "
                        "be faster than the floor, so the ratio to mitmdump is at most the "
-                       "floor's ratio, and what is left is mitmproxy's own per-request work "
-                       "(the profile below)." + noise)
+                       "floor's ratio"
+                       + (f" ({floor:.2f}x in this run)" if floor else "")
+                       + ", and the floor itself is mitmproxy's own per-request work (the "
+                       "profile below)." + noise)
     if v.name.startswith("CPU per request"):
         return ("CPU time of the proxy process (its workers included) divided by the requests it "
                 "answered in the same measurement: unlike req/s, it does not depend on how much "
