@@ -83,7 +83,8 @@ def frame_parts(frame: str) -> tuple[str, str]:
 
 
 #: Frames that start the process and stay on every stack: not per-request work of anyone.
-ENTRY = ("/stagedoor/cli.py", "/bench/floor.py", "<frozen runpy>")
+ENTRY = ("/stagedoor/cli.py", "/addons/main.py", "/addons/__main__.py", "/bench/floor.py",
+         "<frozen runpy>")
 
 
 def category(frame: str) -> str:
