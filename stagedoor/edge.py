@@ -106,7 +106,11 @@ class EdgeSettings:
 
 
 class ConnectionBook:
-    """Open client connections per peer address. Not thread-safe (one event loop)."""
+    """Open client connections per peer address. Not thread-safe (one event loop).
+
+    One address may hold at most ``maxConnectionsPerClient`` connections, and never more than
+    three quarters of ``maxConnections``, so a single client cannot starve the others even
+    when the total is small (a low file-descriptor limit)."""
 
     def __init__(self) -> None:
         self.by_address: dict[str, int] = {}
@@ -119,6 +123,8 @@ class ConnectionBook:
             return f"stagedoor.limits.maxConnections ({total_cap}) reached"
         held = self.by_address.get(address, 0)
         per_client = settings.max_connections_per_client
+        if total_cap:  # one address never takes the last quarter: others still get in
+            per_client = min(per_client or total_cap, max(1, total_cap - total_cap // 4))
         if per_client and held >= per_client:
             return f"stagedoor.limits.maxConnectionsPerClient ({per_client}) reached"
         self.by_address[address] = held + 1

@@ -158,3 +158,40 @@ def test_per_client_connection_cap_holds_while_another_client_is_served(env):
         time.sleep(0.1)
     assert data.startswith(b"HTTP/1.1 200 ")
     assert any("maxConnectionsPerClient" in line for line in env.sidecar.stderr_lines)
+
+
+def test_a_low_fd_limit_and_hundreds_of_idle_connections_starve_no_one_and_flood_no_log(
+        tmp_path_factory):
+    """The issue's case: a low file-descriptor limit, 300 idle connections from one client.
+    The caps (maxConnections from the fd limit, at most 3/4 of it per address) keep the proxy
+    under its limit: another client is served, and stderr has no traceback flood."""
+    import resource
+
+    e = HardEnv(tmp_path_factory.mktemp("hard-lowfd"))
+    held: list[socket.socket] = []
+    try:
+        resource.prlimit(e.pid, resource.RLIMIT_NOFILE, (160, 160))  # maxConnections 48
+        for _ in range(300):
+            try:
+                held.append(_held(e.port, "127.0.0.1"))
+            except OSError:
+                break
+        time.sleep(0.5)
+        assert e.open_fds() < 160
+        other = _held(e.port, "127.0.0.2")
+        try:
+            other.sendall(b"GET /api/fixture/open/abc HTTP/1.1\r\nHost: x\r\n"
+                          b"Connection: close\r\n\r\n")
+            answer = other.recv(65536)
+        finally:
+            other.close()
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
+        lines = e.sidecar.stderr_lines
+        assert sum("Traceback" in line for line in lines) <= 2, lines[-5:]
+        refusals = [line for line in lines if "refusing a connection" in line]
+        assert 1 <= len(refusals) <= 5, len(refusals)  # one line per cause per interval
+        assert e.alive()
+    finally:
+        for sock in held:
+            sock.close()
+        e.stop()

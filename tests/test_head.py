@@ -230,6 +230,10 @@ def test_edge_settings_refuse_bad_values(data):
 def test_connection_book_caps_per_address_and_in_all():
     book = ConnectionBook()
     settings = EdgeSettings(max_connections_per_client=2, max_connections=3)
+    quarter = EdgeSettings(max_connections_per_client=100, max_connections=8)
+    other = ConnectionBook()
+    assert [other.admit("a", quarter) for _ in range(7)].count(None) == 6  # 3/4 of 8
+    assert other.admit("b", quarter) is None
     assert book.admit("a", settings) is None and book.admit("a", settings) is None
     assert "maxConnectionsPerClient" in (book.admit("a", settings) or "")
     assert book.admit("b", settings) is None
