@@ -68,7 +68,7 @@ def test_values_with_cr_lf_nul_or_ctl_are_refused(name, value):
 # -- field names -------------------------------------------------------------------------------
 BAD_NAMES = [b"X Note", b"X-Note ", b" X-Note", b"X:Note", b"X\tNote", b"X\x00", b"X(Note)",
              b"X/Note", b"X@Note", b"X[1]", b"X{1}", b'X"', b"X\\", b"X,Y", b"X;Y", b"X=Y",
-             b"X?", b"\xe9t\xe9", b"X\x7f", b""]
+             b"X?", b"\xe9t\xe9", b"X\x7f", b"", b"X-Note\n", b"X-Note\r"]
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
