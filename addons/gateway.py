@@ -28,7 +28,7 @@ from stagedoor.errors import JSON_CONTENT_TYPE, ApiError, render_error
 from stagedoor.errors import utf8_safe as _utf8_safe
 from stagedoor.head import HeadRefusal, apply, check_head
 from stagedoor.identity import Caller, IdentityError
-from stagedoor.logsetup import redact_target
+from stagedoor.logsetup import current_request_id, redact_target
 from stagedoor.resolve import resolve
 from stagedoor.runtime import Runtime, State
 from stagedoor.tokens import extract_bearer
@@ -103,6 +103,7 @@ class Gateway:
             await self._guarded(flow, record, lambda f, r: self._forward_async(f, r, decision))
 
     async def _guarded(self, flow: http.HTTPFlow, record: FlowRecord, step: Any) -> None:
+        current_request_id.set(record.request_id)  # for lines logged deep inside (logsetup.py)
         try:
             await step(flow, record)
         except Exception:  # fail closed: a bug here must never forward anything
@@ -249,6 +250,7 @@ class Gateway:
         self._cancel_timer(flow)
         record = record_of(flow.metadata)
         assert flow.response is not None
+        current_request_id.set(record.request_id if record is not None else None)
         ratelimit.settle(record, flow.response.status_code)  # skip*Requests, once the status is in
         if record is not None and record.finished_head is flow.response:
             # The same upstream answer whose head responseheaders finished: nothing changed it
@@ -285,6 +287,7 @@ class Gateway:
     def error(self, flow: http.HTTPFlow) -> None:
         self._cancel_timer(flow)
         record = record_of(flow.metadata)
+        current_request_id.set(record.request_id if record is not None else None)
         ratelimit.settle(record, None)  # a failed exchange (skipFailedRequests gives it back)
         if record is None or flow.error is None or not record.forwarded:
             return

@@ -17,6 +17,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from typing import Any, TextIO
 from urllib.parse import unquote_plus
 
@@ -27,6 +28,25 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Fields a diagnostic line carries when it concerns one request (``extra=``), so an operator
 #: can join it with that request's access-log line.
 REQUEST_FIELDS = ("request_id",)
+#: The request being handled, for lines logged deep inside its handling (permission
+#: delegation, rate-limit stores) by code that does not know it: the gateway sets it in each of
+#: its hooks (one task per connection, so a line gets the id of the request on its connection).
+current_request_id: ContextVar[str | None] = ContextVar("stagedoor_request_id", default=None)
+#: Loggers whose every line concerns the request being handled.
+REQUEST_LOGGERS = ("stagedoor.gateway", "stagedoor.permissions", "stagedoor.ratelimit")
+
+
+class RequestContext(logging.Filter):
+    """Adds ``request_id`` (from :data:`current_request_id`) to lines of :data:`REQUEST_LOGGERS`
+    that do not carry one already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None and \
+                record.name.startswith(REQUEST_LOGGERS):
+            request_id = current_request_id.get()
+            if request_id is not None:
+                record.request_id = request_id
+        return True
 
 # Third-party loggers whose INFO chatter is not an operator's concern.
 _QUIET_LOGGERS = ("mitmproxy", "httpx", "httpcore", "watchfiles", "asyncio")
@@ -105,6 +125,7 @@ def configure_logging(level: str = "info", fmt: str = "text",
             root.removeHandler(handler)
     handler = _StagedoorHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RequestContext())
     root.addHandler(handler)
     root.setLevel(parse_level(level))
     quiet = max(logging.WARNING, root.level)

@@ -238,3 +238,43 @@ def _clean_env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith(("INSIGHTS_", "BACKSTAGE_"))}
+
+
+DELEGATING_POLICY = """\
+pluginId: insights
+routes:
+  - path: /services/{id}
+    methods: [GET]
+    auth: [user]
+    params: {id: {pattern: '^[a-z0-9-]+$'}}
+    permission: insights.service.read
+    upstream: http://127.0.0.1:1/v1/services/{id}
+permissions:
+  - permission: insights.service.read
+    effect: delegate
+"""
+
+
+def test_lines_logged_inside_a_decision_carry_its_request_id(tmp_path):
+    """A permission delegation that fails is logged deep in the core, which knows no request:
+    the line still carries the request id of the request it was for."""
+    from .test_cli import stagedoor
+
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "insights.yaml").write_text(DELEGATING_POLICY)
+    dev = tmp_path / "dev"
+    sidecar = start_sidecar([ROOT / "config" / "app-config.yaml"], policies,
+                            env={"INSIGHTS_API_URL": "http://127.0.0.1:1"},
+                            extra_args=["--dev", "--dev-dir", str(dev)])
+    try:
+        token = stagedoor("token", "--dev-dir", str(dev)).stdout.strip()
+        resp = request(sidecar.port, "GET", "/api/insights/services/payments-api",
+                       {"Authorization": f"Bearer {token}", "X-Request-Id": "deep-1"})
+        assert resp.status == 403
+        lines = wait_for(lambda: [json.loads(t) for t in list(sidecar.stderr_lines)
+                                  if '"logger":"stagedoor.permissions"' in t], 5,
+                         "the permission warning")
+        assert lines[-1]["request_id"] == "deep-1", lines
+    finally:
+        sidecar.stop()
