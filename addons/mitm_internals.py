@@ -48,6 +48,11 @@ Each entry: the private name; why stagedoor needs it; what would replace it.
    ``addonmanager.cut_traceback`` (``addons/lean.py``): per-event handler lists on the hot path
    (~120 µs per request, measured). *Replacement:* a cheaper dispatch in mitmproxy itself.
 
+10. ``http.MessageData.__post_init__`` (replaced by a no-op, ``addons/lean.py``): mitmproxy's
+    ``__debug__``-only type checks of every message. Kept after a bounded loopback A/B (708 ->
+    635 µs of proxy CPU per request, -10%), applied only while a behavioural guard finds it is
+    still a pure type check. *Replacement:* ``python -O`` (which would drop stagedoor's asserts
+    too), or mitmproxy making the checks opt-in.
 11. ``_http1.Http1Client.read_headers`` (wrapped). mitmproxy takes an upstream's interim
     ``1xx`` answer (``103 Early Hints``) for the final one: the client got the ``103`` as the
     answer and the real one was lost, or on a kept-alive connection taken as the answer to the
@@ -55,11 +60,11 @@ Each entry: the private name; why stagedoor needs it; what would replace it.
     forwarded to HTTP/1.1 clients (RFC 9110 §15.2; hop-by-hop fields removed), ``100`` (the
     proxy already answered ``Expect`` itself) and anything to an HTTP/1.0 client are dropped.
     *Replacement:* interim response support in mitmproxy's HTTP/1 client.
-10. ``http.MessageData.__post_init__`` (replaced by a no-op, ``addons/lean.py``): mitmproxy's
-    ``__debug__``-only type checks of every message. Kept after a bounded loopback A/B (708 ->
-    635 µs of proxy CPU per request, -10%), applied only while a behavioural guard finds it is
-    still a pure type check. *Replacement:* ``python -O`` (which would drop stagedoor's asserts
-    too), or mitmproxy making the checks opt-in.
+12. mitmweb, for ``stagedoor inspect`` only (``addons/inspect.py``): ``view.View._store`` (the
+    flow buffer a ``ShadowView`` bounds and redacts), ``WebMaster._sig_view_*`` (the UI's
+    signal handlers re-connected to it), and the names of mitmweb's live flow writers it
+    removes (checked at install, with a clear error). *Replacement:* a view size limit and a
+    flow-redaction hook in mitmweb.
 
 (2)-(6) are the request limits of ``stagedoor.limits`` (docs/security.md). Upstream timeouts:
 mitmproxy awaits a slow upstream forever and ``flow.kill()`` does not abort it; we close the
