@@ -276,7 +276,9 @@ def finish_response_head(fields: Sequence[Field], request_version: str, body_len
     - To an HTTP/1.0 request, no ``Transfer-Encoding`` (RFC 9112 §6.1: "A server MUST NOT send a
       response containing Transfer-Encoding unless the corresponding request indicates
       HTTP/1.1"): the body is then framed by ``Content-Length`` (``body_length``, when the whole
-      body is known) or by closing the connection (a streamed answer).
+      body is known) or by closing the connection (a streamed answer); and the connection is
+      closed after the answer (RFC 9112 §9.3: "A proxy server MUST NOT maintain a persistent
+      connection with an HTTP/1.0 client"), whatever ``Connection: keep-alive`` it sent.
     """
     out = list(fields)
     if _BAD_VALUE_BYTE.search(b"\t".join([value for _, value in out])) or not _TOKENS.match(
@@ -286,9 +288,13 @@ def finish_response_head(fields: Sequence[Field], request_version: str, body_len
     names = {name.lower() for name, _ in out}
     if b"date" not in names:
         out.append((b"Date", date))
-    if request_version == "HTTP/1.0" and b"transfer-encoding" in names:
-        out = [(n, v) for n, v in out
-               if n.lower() not in (b"transfer-encoding", b"content-length")]
-        if body_length is not None:
-            out.append((b"Content-Length", str(body_length).encode()))
+    if request_version == "HTTP/1.0":
+        if b"transfer-encoding" in names:
+            out = [(n, v) for n, v in out
+                   if n.lower() not in (b"transfer-encoding", b"content-length")]
+            if body_length is not None:
+                out.append((b"Content-Length", str(body_length).encode()))
+        if b"connection" in names:
+            out = [(n, v) for n, v in out if n.lower() != b"connection"]
+        out.append((b"Connection", b"close"))
     return tuple(out)

@@ -344,6 +344,21 @@ def test_an_http10_client_never_gets_a_chunked_answer(env):
     assert b"\r\nContent-Length: 7" in head and body == b'{"a":1}'
 
 
+def test_an_http10_connection_is_never_kept_alive(env):
+    sock = socket.create_connection(("127.0.0.1", env.port), timeout=10)
+    try:
+        sock.sendall(b"GET /api/fixture/open/abc HTTP/1.0\r\nHost: x\r\n"
+                     b"Connection: keep-alive\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):  # b"" once the proxy closed it, long before idle
+            data += chunk
+    finally:
+        sock.close()
+    head = data.partition(b"\r\n\r\n")[0].lower()
+    assert data.startswith(b"HTTP/1.1 200 ") and b"connection: close" in head
+    assert b"keep-alive" not in head
+
+
 def test_interim_answers_reach_http11_clients_and_never_desync_a_connection(env):
     answer = exchange(env.port, b"GET /api/fixture/fault/early-hints HTTP/1.1\r\nHost: x\r\n\r\n"
                                 b"GET /api/fixture/fault/ok HTTP/1.1\r\nHost: x\r\n"

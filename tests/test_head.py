@@ -292,9 +292,11 @@ def test_log_throttle_tells_causes_apart_by_exception_and_place():
     ([(b"Transfer-Encoding", b"chunked"), (b"Date", b"x")], "HTTP/1.1", 3,
      [(b"Transfer-Encoding", b"chunked"), (b"Date", b"x")]),
     ([(b"Transfer-Encoding", b"chunked"), (b"Date", b"x")], "HTTP/1.0", 3,
-     [(b"Date", b"x"), (b"Content-Length", b"3")]),
+     [(b"Date", b"x"), (b"Content-Length", b"3"), (b"Connection", b"close")]),
     ([(b"transfer-encoding", b"chunked"), (b"Content-Length", b"9"), (b"Date", b"x")],
-     "HTTP/1.0", None, [(b"Date", b"x")]),  # streamed: framed by closing the connection
+     "HTTP/1.0", None, [(b"Date", b"x"), (b"Connection", b"close")]),  # streamed: close ends it
+    ([(b"Connection", b"keep-alive"), (b"Date", b"x")], "HTTP/1.0", 3,
+     [(b"Date", b"x"), (b"Connection", b"close")]),
 ])
 def test_finish_response_head(fields, version, length, want):
     from stagedoor.head import finish_response_head
