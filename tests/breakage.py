@@ -119,6 +119,8 @@ BREAKAGES: tuple[Breakage, ...] = (
        "fresh = self.fetched_at is not None")),
     b("stale keys not used while the source is down", AUTH + "jwks.py",
       ('return "key", key  # stale', 'return "missing", None  # stale')),
+    b("the cooldown runs from the start of a fetch, not its end", AUTH + "jwks.py",
+      ("            self.attempted_at = self._clock()\n", "")),
     b("a failed fetch drops the keys held", AUTH + "jwks.py",
       ("self.failure, self.failure_kind = reason, kind",
        "self.failure, self.failure_kind, self.keys, self._by_kid = reason, kind, (), {}")),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import jwt
 import pytest
 
@@ -100,6 +101,27 @@ def test_a_source_down_from_the_start_is_unavailable_with_retry_after(server, ke
     with pytest.raises(KeySourceUnavailable) as info:
         client.get_signing_key(key.kid)
     assert info.value.retry_after == 7
+
+
+def test_the_cooldown_runs_from_the_end_of_a_slow_failed_fetch():
+    # A fetch that takes longer than the cooldown (the clock moves while it runs) and fails:
+    # the request that waited for it gets its 503 at once instead of fetching again.
+    clock = Clock()
+
+    def slow_and_down(request):
+        clock.advance(3)
+        raise httpx.ConnectError("refused", request=request)
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(slow_and_down))
+    client = JwksClient("http://127.0.0.1:9/jwks.json", kind="plugin", name="plugin:x",
+                        cooldown=1, timeout=10, clock=clock, http_client=lambda: http)
+    run(client.refresh())
+    with pytest.raises(KeySourceUnavailable) as info:
+        client.get_signing_key("k")
+    assert info.value.retry_after == 1
+    clock.advance(1)
+    with pytest.raises(KeysNeeded):
+        client.get_signing_key("k")
 
 
 def test_short_rsa_keys_and_encryption_keys_are_not_verification_keys(key):

@@ -157,7 +157,7 @@ class JwksClient:
         self.keys: tuple[SigningKey, ...] = ()
         self._by_kid: dict[str, SigningKey] = {}
         self.fetched_at: float | None = None    # last successful fetch
-        self.attempted_at: float | None = None  # last fetch started
+        self.attempted_at: float | None = None  # last fetch started, then when it ended
         self.failure: str | None = None         # why the last fetch failed; None if it did not
         self.failure_kind: Literal["unavailable", "not_found"] | None = None
         self._in_flight: asyncio.Future[None] | None = None
@@ -279,6 +279,10 @@ class JwksClient:
             return
         finally:
             self._in_flight = None
+            # The cooldown runs from the end of a fetch: a fetch that took longer than the
+            # cooldown (a slow source timing out) must not be retried by the very request
+            # that waited for it.
+            self.attempted_at = self._clock()
         self._record_failure(reason, kind)
 
     def _record_failure(self, reason: str, kind: Literal["unavailable", "not_found"]) -> None:
