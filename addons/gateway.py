@@ -23,6 +23,7 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from stagedoor import forwarding
+from stagedoor.body import check_body, check_body_head, is_json_type
 from stagedoor.decide import API_PREFIX, Answer, Decision, Deny, Forward, GatewayRequest, refuse
 from stagedoor.errors import JSON_CONTENT_TYPE, ApiError, render_error
 from stagedoor.errors import utf8_safe as _utf8_safe
@@ -30,6 +31,7 @@ from stagedoor.head import HeadRefusal, apply, check_head
 from stagedoor.identity import Caller, IdentityError
 from stagedoor.logsetup import current_request_id, redact_target
 from stagedoor.resolve import resolve
+from stagedoor.response_rules import content_type_of, filter_response_fields
 from stagedoor.runtime import Runtime, State
 from stagedoor.tokens import extract_bearer
 
@@ -99,6 +101,17 @@ class Gateway:
             if flow.response:
                 return
         decision = record.decision
+        if isinstance(decision, Forward) and decision.route is not None \
+                and decision.route.body is not None:
+            # The body is in: check it before anything leaves (the route's body: rules).
+            problem = check_body(decision.route.body, flow.request.headers.get("content-type"),
+                                 flow.request.headers.get("content-encoding"),
+                                 flow.request.raw_content or b"")
+            if problem is not None:
+                denied = Deny(decision.context, problem, "body")
+                record.decided(denied)
+                self._respond_error(flow, problem, denied.url, record.state)
+                return
         if isinstance(decision, Forward):
             await self._guarded(flow, record, lambda f, r: self._forward_async(f, r, decision))
 
@@ -150,6 +163,15 @@ class Gateway:
             rules = ratelimit.rules_for(record, decision)
             if rules:
                 decision = await ratelimit.limit_decided(flow, record, decision, rules)
+            if isinstance(decision, Forward) and decision.route is not None \
+                    and decision.route.body is not None:
+                # The route's body rules, as far as the head tells (type, encoding, declared
+                # length): refused before the body is read.
+                problem = check_body_head(decision.route.body, req.headers.get("content-type"),
+                                          req.headers.get("content-encoding"),
+                                          _content_length(req.headers))
+                if problem is not None:
+                    decision = Deny(decision.context, problem, "body")
         record.decided(decision)
         if decision.dry_run:
             for note in decision.dry_run:
@@ -188,7 +210,11 @@ class Gateway:
                 req.headers.fields, identity=state.identity_for(decision.route), caller=caller,
                 host=up.host_header, policy=state.forwarding,
                 client=forwarding.Client(peer[0] if peer else "",
-                                         flow.client_conn.tls_established))
+                                         flow.client_conn.tls_established),
+                # The route's upstream.headers (credentials from app-config): the client's
+                # copies of those names are dropped.
+                extra=decision.route.upstream.header_fields
+                if decision.route is not None and decision.route.upstream is not None else ())
         except IdentityError as exc:  # no identity can be made for this caller: not forwarded
             record.outcome, record.check = "deny", "identity"
             self._respond_error(flow, ApiError(401, exc.message), decision.url, state)
@@ -243,7 +269,7 @@ class Gateway:
         # its head leaves before the response hook: finish it here already.
         record = record_of(flow.metadata)
         if flow.response is not None and record is not None and record.forwarded:
-            self._finish_head(flow)
+            self._finish_head(flow, False)
             record.finished_head = flow.response
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -252,15 +278,16 @@ class Gateway:
         assert flow.response is not None
         current_request_id.set(record.request_id if record is not None else None)
         ratelimit.settle(record, flow.response.status_code)  # skip*Requests, once the status is in
-        if record is not None and record.finished_head is flow.response:
+        if record is not None and record.finished_head is flow.response \
+                and not record.not_json:
             # The same upstream answer whose head responseheaders finished: nothing changed it
             # since (the body was read), so only the HEAD rule is left.
             if flow.request.method == "HEAD" and flow.response.raw_content:
                 flow.response.raw_content = b""
             return
-        self._finish_head(flow)
+        self._finish_head(flow, True)
 
-    def _finish_head(self, flow: http.HTTPFlow) -> None:
+    def _finish_head(self, flow: http.HTTPFlow, final: bool = True) -> None:
         resp = flow.response
         assert resp is not None
         if flow.request.method == "HEAD" and resp.raw_content:
@@ -277,12 +304,53 @@ class Gateway:
                 request_id=None)
             return
         forwarded = record.forwarded
+        fields = resp.headers.fields
         if forwarded:
-            record.upstream_status = resp.status_code
+            if record.upstream_status is None:
+                record.upstream_status = resp.status_code
+            route = record.decision.route if record.decision is not None else None
+            if route is not None:
+                rule = route.response
+                if rule.expect_json and not record.not_json and not is_json_type(
+                        content_type_of(fields)):
+                    # expect: json, and the upstream answered something else (an HTML error
+                    # page, say): the client gets a 502, never the upstream's body.
+                    record.not_json = True
+                    log.warning("upstream answer for %s %s is not JSON (Content-Type %r): 502",
+                                flow.request.method, record.route, content_type_of(fields))
+                if record.not_json:
+                    if not final:  # buffered (never streamed out); replaced once it is in
+                        resp.stream = False
+                        return
+                    self._replace_with_error(flow, record, ApiError(
+                        502, "The upstream answered with something other than JSON"))
+                    return
+                # Set-Cookie, Server, X-Powered-By (unless the route allows them), the route's
+                # headers.remove; stagedoor's security headers replace the upstream's copies.
+                fields = filter_response_fields(fields, rule.dropped_names(),
+                                                record.state.forwarding.security)
         fields = forwarding.client_fields(
-            resp.headers.fields, policy=record.state.forwarding, forwarded=forwarded,
+            fields, policy=record.state.forwarding, forwarded=forwarded,
             request_id=record.request_id, client_close=record.client_close)
         resp.headers.fields = ratelimit.finish_headers(record, fields)
+
+    def _replace_with_error(self, flow: http.HTTPFlow, record: FlowRecord,
+                            error: ApiError) -> None:
+        """Answer with a JSON error instead of the upstream's answer (whose head has not left)."""
+        resp = flow.response
+        assert resp is not None
+        url = _utf8_safe(redact_target(record.url, record.state.settings.redacted_query_keys))
+        status, body, headers = render_error(error, _utf8_safe(flow.request.method), url)
+        resp.status_code = status
+        resp.reason = ""
+        resp.stream = False
+        resp.headers.fields = forwarding.client_fields(
+            tuple((forwarding.encode(k), forwarding.encode(v)) for k, v in headers),
+            policy=record.state.forwarding, forwarded=False, request_id=record.request_id,
+            client_close=record.client_close)
+        # Content-Length follows the body mitmproxy sends: ours, not the upstream's.
+        resp.content = b"" if flow.request.method == "HEAD" else body
+        record.failed("upstream", status)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._cancel_timer(flow)
@@ -332,6 +400,14 @@ def _mount_relative(target: str, state: State) -> str:
         rest = target[len(API_PREFIX) + len(plugin):]
         target = rest if rest.startswith("/") else "/" + rest
     return target
+
+
+def _content_length(headers: http.Headers) -> int | None:
+    """The declared Content-Length, when there is exactly one well-formed one."""
+    values = headers.get_all("content-length")
+    if len(values) == 1 and values[0].strip().isdigit():
+        return int(values[0])
+    return None
 
 
 def _header_fields(pairs: Iterable[tuple[str, str]]) -> http.Headers:

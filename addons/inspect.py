@@ -44,7 +44,7 @@ from mitmproxy.addons import view
 from stagedoor.config import Config, ConfigError
 from stagedoor.runtime import GatewaySettings
 
-from .record import META, FlowRecord
+from .record import META, FlowRecord, record_of
 
 log = logging.getLogger("stagedoor.inspect")
 
@@ -133,6 +133,13 @@ class Redactor:
                         message["trailers"] = self._headers(message["trailers"], found)
             request = state["request"]
             request["path"] = self._target(request["path"], found)
+        # What the policy itself sends upstream from app-config (upstream.headers/query):
+        # known values, scrubbed wherever they appear.
+        record = record_of(f.metadata)
+        route = record.decision.route if record is not None and record.decision else None
+        if route is not None:
+            for secret in route.secret_values:
+                _found(found, secret.encode("utf-8", "surrogateescape"), _PH)
         meta = state.get("metadata", {}).get(META)
         _show_local_answer_at_the_sidecar(state, meta)
         if isinstance(meta, dict):  # the gateway's url/target/upstream carry the raw query

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import master, options
-from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
+from mitmproxy.addons import core, errorcheck, next_layer, proxyserver
 
 from stagedoor import outbound
 from stagedoor.gcfreeze import freeze_loaded
@@ -27,6 +27,7 @@ from .edge import Edge, PlainListenerOnly
 from .gateway import Gateway
 from .lifecycle import Lifecycle
 from .reload import Reloader
+from .upstream_tls import UpstreamTlsConfig
 
 log = logging.getLogger("stagedoor")
 
@@ -108,14 +109,15 @@ def proxy_options(host: str, port: int) -> dict[str, Any]:
     }
 
 
-class PolicyOnlyTlsConfig(tlsconfig.TlsConfig):
-    """mitmproxy's TLS configuration without its ``request`` hook, which answers any path ending
-    in ``/mitmproxy-<CA serial>.crl`` itself, before (and regardless of) the policy."""
+#: mitmproxy's TLS addon without its CRL-answering ``request`` hook (no per-upstream settings:
+#: the bench's floor scenario uses it as is).
+PolicyOnlyTlsConfig = UpstreamTlsConfig
 
-    name = "tlsconfig"
 
-    def request(self, flow: Any) -> None:
-        return None
+def _tls_config(runtime: Runtime) -> UpstreamTlsConfig:
+    """mitmproxy's TLS addon with per-upstream TLS from the current policies
+    (addons/upstream_tls.py) and without its CRL-answering ``request`` hook."""
+    return UpstreamTlsConfig(lambda address: runtime.state.policies.upstream_tls.get(address))
 
 
 def build_lean_master(runtime: Runtime, host: str, port: int,
@@ -134,7 +136,7 @@ def build_lean_master(runtime: Runtime, host: str, port: int,
         proxyserver.Proxyserver(),
         PlainListenerOnly(edge),  # before NextLayer: a TLS handshake is refused, not answered
         next_layer.NextLayer(),
-        PolicyOnlyTlsConfig(),
+        _tls_config(runtime),
         errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
         Gateway(runtime),
         edge,  # right after the gateway (addons/edge.py)
@@ -178,7 +180,7 @@ def build_web_master(runtime: Runtime, host: str, port: int, web_host: str, web_
 
     m = WebMaster(options.Options(), with_termlog=False)
     m.addons.remove(m.addons.get("tlsconfig"))
-    m.addons.add(PolicyOnlyTlsConfig())
+    m.addons.add(_tls_config(runtime))
     edge = Edge(runtime)
     # A TLS handshake on the plain listener is refused before mitmweb's NextLayer answers it.
     m.addons.remove(m.addons.get("nextlayer"))

@@ -31,6 +31,7 @@ class FlowRecord:
     forwarded_at: float | None = None  # perf_counter() when it left for the upstream
     client_close: bool = False  # the client said "Connection: close"
     timed_out: bool = False  # the route timeout fired
+    not_json: bool = False  # expect: json, and the upstream's answer was not (a 502)
     upstream_status: int | None = None
     status: int | None = None  # the status of an error page written without a response
     dropped_fields: int = 0  # header fields dropped at the head (names with underscores)

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -134,6 +135,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         _print_problems(files, problems, "")
         print(f"stagedoor check: {len(problems)} problem(s)", file=sys.stderr)
         return 1
+    for warning in policies.warnings:  # worth fixing, not fatal (insecure TLS, clear text)
+        print(warning, file=sys.stderr)
     print(f"ok: {len(policies.plugins)} plugin(s), {policies.route_count} route(s) "
           f"from {args.policies}")
     return 0
@@ -150,7 +153,10 @@ def _load_runtime(config_files: list[str], policy_dir: str):  # -> Runtime | Non
         print(f"stagedoor: {problem}", file=sys.stderr)
         return None
     try:
-        return Runtime.load(config_files, policy_dir)
+        runtime = Runtime.load(config_files, policy_dir)
+        for warning in runtime.state.policies.warnings:
+            print(f"stagedoor: {warning}", file=sys.stderr)
+        return runtime
     except PolicyLoadError as exc:
         first = [str(p) for p in exc.problems]
     except ConfigError as exc:
@@ -370,18 +376,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoBackend
     from .devkeys import generate_dev_keys, mint_plugin_token, mint_user_token
 
-    keys = generate_dev_keys(Path(args.dev_dir))
+    dev_dir = Path(args.dev_dir)
+    keys = generate_dev_keys(dev_dir)
+    # The notes example's upstream credential: a fresh one per run, read from a $file by an
+    # extra config layer, as a deployment would read a mounted secret.
+    notes_token = secrets.token_urlsafe(24)
+    token_file = dev_dir / "notes-api-token"
+    token_file.touch(mode=0o600)
+    token_file.write_text(notes_token + "\n")
+    demo_config = dev_dir / "demo-config.yaml"
+    demo_config.write_text("# written by `stagedoor demo`: the notes example's upstream token\n"
+                           "notes:\n  apiToken: {$file: notes-api-token}\n")
     try:
         backend = DemoBackend(("127.0.0.1", args.upstream_port), keys.user_jwks(),
-                              keys.plugin_jwks())
+                              keys.plugin_jwks(), notes_token)
     except OSError:  # the default port is taken: any free loopback port will do
-        backend = DemoBackend(("127.0.0.1", 0), keys.user_jwks(), keys.plugin_jwks())
+        backend = DemoBackend(("127.0.0.1", 0), keys.user_jwks(), keys.plugin_jwks(),
+                              notes_token)
     backend.start()
     os.environ["INSIGHTS_API_URL"] = backend.base_url
     os.environ["BACKSTAGE_BASE_URL"] = backend.base_url
-    (Path(args.dev_dir) / "demo.json").write_text(json.dumps({"baseUrl": backend.base_url}))
+    (dev_dir / "demo.json").write_text(json.dumps({"baseUrl": backend.base_url}))
 
-    runtime = _load_runtime(_config_files(args), args.policies)
+    policy_dir = _demo_policies(Path(args.policies), dev_dir)
+    runtime = _load_runtime([*_config_files(args), str(demo_config)], str(policy_dir))
     if runtime is None:
         return 1
     if not runtime.state.config.has("stagedoor.log.format"):  # a person is watching: text
@@ -402,6 +420,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     def ready(addrs: list[tuple[str, int]]) -> None:
         h, p = addrs[0] if addrs else (host, port)
         base = f"http://{h}:{p}/api/insights"
+        notes = f"http://{h}:{p}/api/notes"
+        notes_banner = _NOTES_BANNER.format(
+            notes=notes, svc=f"{notes}/services/payments-api/notes",
+            auth=f"-H 'Authorization: Bearer {user_token}'",
+            json="-H 'Content-Type: application/json'", config=demo_config, policies=policy_dir,
+        ) if "notes" in runtime.state.policies.plugins else ""
         print(f"""
 stagedoor demo: sidecar on http://{h}:{p}, demo upstream on {backend.base_url}
 (dev keys in {args.dev_dir}; tokens below are valid for 1 hour; Ctrl-C stops)
@@ -420,7 +444,7 @@ stagedoor demo: sidecar on http://{h}:{p}, demo upstream on {backend.base_url}
 
   # a plugin token from 'catalog': this route only allows users, so 403
   curl -s -H 'Authorization: Bearer {plugin_token}' {base}/services/payments-api
-
+{notes_banner}
   # mint more: ./run.sh token --user user:default/someone
 """, flush=True)
 
@@ -428,6 +452,51 @@ stagedoor demo: sidecar on http://{h}:{p}, demo upstream on {backend.base_url}
     backend.shutdown()
     args.served = True
     return 0
+
+
+_NOTES_BANNER = """
+  # the notes example (examples/notes/notes.yaml, policy language v2; see
+  # docs/policy-reference.md). Declared query parameters only, re-encoded; the upstream gets
+  # its own token from app-config, never yours; Set-Cookie and X-Powered-By stay behind:
+  curl -s -i {auth} '{svc}?tag=ops&debug=1'
+
+  # a query value that does not match its pattern: 400 InputError "page must be a number"
+  curl -s {auth} '{svc}?page=x'
+
+  # a JSON body checked against schemas/note.json, then forwarded: 201
+  curl -s {auth} {json} -d '{{"text": "Paged twice", "tags": ["oncall"]}}' '{svc}'
+
+  # a body the schema refuses: 400 naming the JSON Pointer (/text), never echoing the body
+  curl -s {auth} {json} -d '{{"text": ""}}' '{svc}'
+
+  # a form body where JSON is required: 415
+  curl -s {auth} -d 'text=hello' '{svc}'
+
+  # a required query parameter missing: 400 InputError
+  curl -s {auth} '{notes}/search'
+
+  # what stagedoor checks, step by step, without sending anything:
+  #   ./run.sh explain POST /api/notes/services/payments-api/notes --user user:default/jane \\
+  #     --body note.json --config config/app-config.yaml --config {config} --policies {policies}
+"""
+
+
+def _demo_policies(policies: Path, dev_dir: Path) -> Path:
+    """The demo serves ``policies/`` plus the notes example: links to both in one directory
+    (``stagedoor run`` reads one)."""
+    combined = dev_dir / "policies"
+    combined.mkdir(parents=True, exist_ok=True)
+    for old in combined.iterdir():
+        if old.is_symlink() or old.is_file():
+            old.unlink()
+    sources = [p for p in policies.iterdir() if p.suffix in (".yaml", ".yml")] \
+        if policies.is_dir() else []
+    example = Path(__file__).resolve().parent.parent / "examples" / "notes" / "notes.yaml"
+    if example.is_file():
+        sources.append(example)
+    for source in sources:
+        (combined / source.name).symlink_to(source.resolve())
+    return combined
 
 
 # -- token -----------------------------------------------------------------------------------------
@@ -480,9 +549,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print("stagedoor: --group needs --user (a --token carries its own ownership refs)",
               file=sys.stderr)
         return 2
+    body = None
+    if args.body is not None:
+        try:
+            body = Path(args.body).read_bytes() if args.body != "-" else sys.stdin.buffer.read()
+        except OSError as exc:
+            return _fail(f"explain: cannot read --body {args.body}: {exc.strerror}")
     decision = explain(runtime.state, args.method, args.url, token=args.token, user=args.user,
                        service=args.service,
-                       groups=tuple(_ownership(args.user, args.group)) if args.group else ())
+                       groups=tuple(_ownership(args.user, args.group)) if args.group else (),
+                       body=body, content_type=args.content_type)
     print(render(decision, args.method, args.url))
     return 0 if decision.allowed else 1
 
@@ -588,6 +664,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--group", action="append", metavar="REF", type=_entity_ref,
                          help="with --user: an ownership ref the user has, for memberOf rules "
                               "(repeat for several), e.g. group:default/payments")
+    explain.add_argument("--body", metavar="FILE",
+                         help="check this request body too (- reads stdin); it is never shown")
+    explain.add_argument("--content-type", default="application/json", metavar="TYPE",
+                         help="the body's Content-Type (default: application/json)")
     explain.set_defaults(func=cmd_explain)
 
     openapi = sub.add_parser("openapi", help="print the OpenAPI 3.1 document of the policies")

@@ -6,6 +6,10 @@ Semantics (see docs/behaviour.md, "Config"):
   everything else is replaced).
 - A string ``${VAR}`` is replaced by the environment variable ``VAR``; ``$${VAR}`` is the
   literal text ``${VAR}``. If a variable is unset, the key is left without a value.
+- ``{$file: path}`` is replaced by the file's text (relative to the config file; one trailing
+  newline removed) and ``{$env: VAR}`` by the variable, as in Backstage: how secrets are read.
+- The ``stagedoor.*`` keys are checked against ``stagedoor/schemas/config.schema.json``
+  (unknown keys, types), every problem reported at once.
 - Reading a required key that has no value raises :class:`MissingConfigError`, whose message
   names the key and the file that declares it (or the last file given, if none does).
 """
@@ -160,7 +164,27 @@ class Config:
 MAX_VALUES = 100_000
 
 
-def _substituted(value: Any, env: Mapping[str, str], budget: list[int] | None = None) -> Any:
+def _include(value: dict[str, Any], env: Mapping[str, str], base: Path | None) -> Any:
+    """Backstage's includes: ``{$file: path}`` (the file's text, one trailing newline removed;
+    relative to the config file) and ``{$env: VAR}`` (unset: no value)."""
+    kind, target = next(iter(value.items()))
+    if not isinstance(target, str):
+        raise ConfigError(f"{kind} must be a string, got {type(target).__name__}")
+    if kind == "$env":
+        return env.get(target.strip())
+    path = Path(target)
+    if base is not None and not path.is_absolute():
+        path = base / path
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"$file {target!r}: cannot read {path}: {reason}") from None
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
+def _substituted(value: Any, env: Mapping[str, str], budget: list[int] | None = None,
+                 base: Path | None = None) -> Any:
     budget = [MAX_VALUES] if budget is None else budget
     budget[0] -= 1
     if budget[0] < 0:
@@ -168,9 +192,11 @@ def _substituted(value: Any, env: Mapping[str, str], budget: list[int] | None = 
     if isinstance(value, str):
         return substitute_env(value, env)
     if isinstance(value, list):
-        return [_substituted(item, env, budget) for item in value]
+        return [_substituted(item, env, budget, base) for item in value]
     if isinstance(value, dict):
-        return {str(k): _substituted(v, env, budget) for k, v in value.items()}
+        if len(value) == 1 and next(iter(value)) in ("$file", "$env"):
+            return _include(value, env, base)
+        return {str(k): _substituted(v, env, budget, base) for k, v in value.items()}
     return value
 
 
@@ -187,6 +213,10 @@ def unset_references(value: Any, env: Mapping[str, str], prefix: str = "",
     elif isinstance(value, list):
         for index, item in enumerate(value):
             unset_references(item, env, f"{prefix}[{index}]", found)
+    elif isinstance(value, dict) and set(value) == {"$env"}:  # {$env: VAR}
+        name = str(value["$env"]).strip()
+        if name not in env:
+            found[prefix] = (name,)
     elif isinstance(value, dict):
         for key, child in value.items():
             unset_references(child, env, f"{prefix}.{key}" if prefix else str(key), found)
@@ -241,11 +271,16 @@ def load_config(files: list[str | Path], env: Mapping[str, str] | None = None) -
         if not isinstance(loaded, dict):
             raise ConfigError(f"{name}:1: a config file must be a mapping at the top level")
         try:
-            substituted = _substituted(loaded, environ)
+            substituted = _substituted(loaded, environ, base=Path(file).parent)
         except ConfigError as exc:
             raise ConfigError(f"{name}: {exc}") from None
         _merge(config.data, substituted, config.origins, name)
         config.unset_env.update(unset_references(loaded, environ))
     # A key another file gave a value after all is not missing.
     config.unset_env = {k: v for k, v in config.unset_env.items() if not config.has(k)}
+    from .policyschema import config_problems  # the stagedoor.* keys' structure
+
+    problems = config_problems(config.data, config._origin)
+    if problems:
+        raise ConfigError("\n".join(problems))
     return config

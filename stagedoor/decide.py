@@ -1,9 +1,9 @@
 """The request pipeline as one pure function: ``decide(request, policies, verifier) -> Decision``.
 
 Order of checks (docs/design.md): plugin -> credentials barrier -> route and method -> principal
-kind -> access restrictions -> path parameters -> permission -> action. Nothing here touches the
-network or mitmproxy. Three side doors, all exceptions: :class:`~stagedoor.tokens.KeysNeeded`
-(a token needs a key set that is not cached yet),
+kind -> access restrictions -> path parameters -> query parameters -> permission -> action.
+Nothing here touches the network or mitmproxy. Three side doors, all exceptions:
+:class:`~stagedoor.tokens.KeysNeeded` (a token needs a key set that is not cached yet),
 :class:`~stagedoor.permissions.DelegationNeeded` (a rule asks the permission backend) and
 :class:`~stagedoor.userinfo.MembershipNeeded` (a ``memberOf`` needs the user's ownership refs
 from the auth backend); the caller does the I/O and calls ``decide`` again.
@@ -26,6 +26,7 @@ from typing import ClassVar, Protocol
 from .errors import ApiError
 from .permissions import Authorizer, DelegationNeeded, evaluate
 from .policy import LocalResponse, PolicySet, Route
+from .query import QueryRejected, shape_query
 from .routing import PathRejected, split_segments
 from .tokens import CredentialError, KeySourceUnavailable, Principal, extract_bearer
 from .userinfo import MembershipUnavailable
@@ -57,13 +58,15 @@ class Upstream:
     scheme: str
     host: str
     port: int
-    path: str  # path and query, encoded, as sent upstream
+    path: str  # path and query, encoded, as sent upstream (may carry a policy's secrets)
+    shown_path: str | None = None  # the same with secret query values masked, for display
 
     @property
     def url(self) -> str:
+        """For logs, ``explain`` and saved flows: secret query values masked."""
         default = 443 if self.scheme == "https" else 80
         netloc = self.host if self.port == default else f"{self.host}:{self.port}"
-        return f"{self.scheme}://{netloc}{self.path}"
+        return f"{self.scheme}://{netloc}{self.shown_path or self.path}"
 
     @property
     def host_header(self) -> str:
@@ -305,8 +308,8 @@ def decide(request: GatewayRequest, policies: PolicySet, verifier: Verifier | No
     if "#" in target:
         return draft.deny("path", ApiError(400, "Invalid request path"), "fragment in target")
     if query and not _SAFE_QUERY.fullmatch(query):
-        # The query is forwarded as sent: no control bytes or raw non-ASCII (RFC 3986), which
-        # upstream parsers disagree about.
+        # No control bytes or raw non-ASCII (RFC 3986), which parsers disagree about (values
+        # are decoded, checked and re-encoded for the upstream: the raw query never goes on).
         return draft.deny("path", ApiError(400, "Invalid request target"),
                           "control or non-ASCII byte in query")
     try:
@@ -386,6 +389,20 @@ def decide(request: GatewayRequest, policies: PolicySet, verifier: Verifier | No
         if trace is not None:
             trace.append(("params", ", ".join(f"{k}={v!r} ok" for k, v in values.items())))
 
+    # 5b. query parameters: only declared ones go on, validated and re-encoded ----------------
+    try:
+        shaped = shape_query(query[1:], route.query)
+    except QueryRejected as exc:
+        return draft.deny("query", ApiError(400, exc.message))
+    if trace is not None and (query or route.query.rules or route.query.fixed):
+        kept = ", ".join(f"{k}={v!r} ok" for k, v in shaped.kept) or "none"
+        text = f"kept {kept}"
+        if shaped.dropped:
+            text += f"; dropped (undeclared) {', '.join(shaped.dropped)}"
+        if route.query.fixed:
+            text += f"; fixed added: {shaped.shown.rpartition('?')[2]}"
+        trace.append(("query", text))
+
     # 6. permission ----------------------------------------------------------------------------
     if route.permission is not None:
         try:
@@ -409,7 +426,18 @@ def decide(request: GatewayRequest, policies: PolicySet, verifier: Verifier | No
         return Answer(draft.context(), route.respond)
     assert route.upstream is not None
     up = route.upstream
-    upstream = Upstream(up.scheme, up.host, up.port, up.path_for(values) + query)
+    upstream_path = up.path_for(values)
+    upstream = Upstream(up.scheme, up.host, up.port, upstream_path + shaped.text,
+                        upstream_path + shaped.shown if route.query.secret_names else None)
     if trace is not None:
+        if route.body is not None:
+            body = route.body
+            trace.append(("body", f"checked when it arrives: Content-Type {body.content_type}"
+                                  + (f", at most {body.max_bytes} bytes" if body.max_bytes
+                                     else "")
+                                  + (", JSON Schema" if body.validator is not None else "")))
+        if up.headers:
+            shown = ", ".join(f"{n}: {v}" for n, v in up.shown_headers())
+            trace.append(("upstream", f"headers set (client copies removed): {shown}"))
         trace.append(("action", f"forward to {upstream.url}"))
     return Forward(draft.context(), upstream, route.timeout)

@@ -15,6 +15,7 @@ ERROR_NAMES: dict[int, str] = {
     404: "NotFoundError",
     405: "MethodNotAllowedError",
     413: "PayloadTooLargeError",
+    415: "UnsupportedMediaTypeError",
     431: "RequestHeaderFieldsTooLargeError",
     500: "Error",
     502: "BadGatewayError",

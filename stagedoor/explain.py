@@ -13,8 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from .body import check_body, media_type
 from .decide import Answer, Decision, Deny, Forward, GatewayRequest, TraceStep
-from .errors import ERROR_NAMES
 from .ratelimit import LimitOutcome, describe_backstage_limit
 from .resolve import resolve
 from .runtime import State
@@ -43,10 +43,13 @@ def request_target(url: str) -> str:
 
 def explain(state: State, method: str, url: str, *, token: str | None = None,
             user: str | None = None, service: str | None = None,
-            groups: tuple[str, ...] = ()) -> Decision:
+            groups: tuple[str, ...] = (), body: bytes | None = None,
+            content_type: str | None = None) -> Decision:
     """The decision the proxy would take, with its trace (key fetches and delegations done).
 
-    ``groups``: the ``--user``'s ownership refs (else the configured membership applies)."""
+    ``groups``: the ``--user``'s ownership refs (else the configured membership applies).
+    ``body``: also check this request body against the route's ``body:`` rules, as the proxy
+    does once the body is in (the body itself is never shown)."""
     header: tuple[str, ...] = ()
     stand_in: _StandInVerifier | None = None
     if token is not None:
@@ -60,12 +63,14 @@ def explain(state: State, method: str, url: str, *, token: str | None = None,
         stand_in = _StandInVerifier(principal)
         header = (f"Bearer {_STAND_IN_TOKEN}",)
     request = GatewayRequest(method.upper(), request_target(url), header)
-    return asyncio.run(_explain(request, state, stand_in))
+    return asyncio.run(_explain(request, state, stand_in, body, content_type))
 
 
-async def _explain(request: GatewayRequest, state: State,
-                   stand_in: _StandInVerifier | None) -> Decision:
+async def _explain(request: GatewayRequest, state: State, stand_in: _StandInVerifier | None,
+                   body: bytes | None = None, content_type: str | None = None) -> Decision:
     decision = await resolve(request, state, explain=True, verifier=stand_in)
+    if body is not None:
+        decision = with_body(decision, body, content_type)
     steps = await limit_trace(state, decision)
     if isinstance(decision, Forward):  # what the upstream would learn of the caller
         steps.append(("identity", state.identity_for(decision.route).describe()))
@@ -98,6 +103,25 @@ async def limit_trace(state: State, decision: Decision) -> list[TraceStep]:
     return steps
 
 
+def with_body(decision: Decision, body: bytes, content_type: str | None) -> Decision:
+    """The decision once ``body`` is in: the route's ``body:`` rules, as the proxy checks them
+    (the body itself is never shown)."""
+    if not isinstance(decision, Forward) or decision.route is None \
+            or decision.route.body is None:
+        return decision
+    rule = decision.route.body
+    problem = check_body(rule, content_type, None, body)
+    trace = [step for step in decision.trace if step[0] != "action"]
+    action = [step for step in decision.trace if step[0] == "action"]
+    if problem is not None:
+        trace.append(("body", f"deny {problem.status} {problem.error_name}: {problem.message}"))
+        return Deny(dataclasses.replace(decision.context, trace=tuple(trace)), problem, "body")
+    what = "JSON Schema satisfied" if rule.validator is not None else "accepted"
+    trace.append(("body", f"{len(body)} bytes of {media_type(content_type)}: {what}"))
+    return dataclasses.replace(decision, context=dataclasses.replace(
+        decision.context, trace=tuple(trace + action)))
+
+
 def render(decision: Decision, method: str, url: str) -> str:
     """Human-readable steps and the final outcome."""
     lines = [f"{method.upper()} {request_target(url)}"]
@@ -110,7 +134,7 @@ def render(decision: Decision, method: str, url: str) -> str:
         case Forward(upstream=upstream):
             outcome = f"allow: forward to {upstream.url}"
         case Deny(error=error, check=check, reason=reason):
-            outcome = (f"{error.status} {ERROR_NAMES.get(error.status, 'Error')}: "
+            outcome = (f"{error.status} {error.error_name}: "
                        f"{error.message} (denied at '{check}')")
             if reason:
                 outcome += f"\n   reason: {reason}"

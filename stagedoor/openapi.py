@@ -53,6 +53,7 @@ from .policy import (
     Route,
     load_policies,
 )
+from .query import MAX_VALUE_LENGTH as MAX_QUERY_VALUE_LENGTH
 
 log = logging.getLogger("stagedoor.openapi")
 
@@ -67,17 +68,21 @@ _REFUSED_CHARACTERS = r"[/\\\x00-\x1f\x7f]"
 _REFUSED_VALUES = [".", ".."]
 
 _ERROR_DESCRIPTIONS = {
-    400: "Invalid request path or path parameter (InputError).",
+    400: "Invalid request path, path or query parameter, or request body (InputError).",
     401: "Missing or invalid credentials (AuthenticationError); checked before routing.",
     403: "The credentials are valid but not allowed here: principal kind, access restrictions "
          "or permission (NotAllowedError).",
     404: "No such route (NotFoundError).",
     405: "Method not allowed on this path (MethodNotAllowedError); `Allow` lists the methods.",
-    413: "The request body is over `stagedoor.limits.maxBodyBytes` (PayloadTooLargeError).",
+    413: "The request body is over the route's `body.maxBytes` or "
+         "`stagedoor.limits.maxBodyBytes` (PayloadTooLargeError).",
+    415: "The request body is not of the route's `body.contentType`, or is compressed "
+         "(UnsupportedMediaTypeError).",
     431: "The request line and header fields are over `stagedoor.limits.maxHeaderBytes` (or "
          "more than `maxHeaderCount` fields): RequestHeaderFieldsTooLargeError. Long parameter "
          "values can add up to this even when each is within its own `maxLength`.",
-    502: "The upstream could not be reached (BadGatewayError).",
+    502: "The upstream could not be reached, or answered something other than JSON where the "
+         "route expects JSON (BadGatewayError).",
     503: "A key source (JWKS) is unavailable and no usable key is cached "
          "(ServiceUnavailableError); retry after `Retry-After` seconds.",
     504: "The upstream did not answer within the route's timeout (GatewayTimeoutError).",
@@ -429,6 +434,40 @@ class _Builder:
                 self.warnings.append(warning)
         return schema
 
+    def query_parameters(self, route: Route) -> list[dict[str, Any]]:
+        """The route's declared query parameters (only these reach the upstream)."""
+        out = []
+        others = {"drop": "Undeclared query parameters are dropped.",
+                  "reject": "Undeclared query parameters are refused with 400.",
+                  "forward": "Undeclared query parameters are passed on re-encoded."}
+        for rule in route.query.rules:
+            value: dict[str, Any] = {"type": "string", "maxLength": MAX_QUERY_VALUE_LENGTH}
+            try:
+                value["pattern"] = ecma_pattern(rule.pattern.pattern)
+            except PatternNotTranslatable as exc:
+                warning = (f"{route.file}:{route.line}: query parameter '{rule.name}' of "
+                           f"{route.path}: regex {rule.pattern.pattern!r} left out of the "
+                           f"document: {exc}")
+                if warning not in self.warnings:
+                    self.warnings.append(warning)
+            message = rule.message or f"Invalid query parameter '{rule.name}': {{value}}"
+            param: dict[str, Any] = {
+                "name": rule.name,
+                "in": "query",
+                "required": rule.required,
+                "description": f"Full match of the decoded value against "
+                               f"`{rule.pattern.pattern}`; otherwise 400 \"{message}\". "
+                               + ("May be repeated. " if rule.repeated else "")
+                               + others[route.query.unknown],
+                "schema": {"type": "array", "items": value, "minItems": 1} if rule.repeated
+                else value,
+                "x-stagedoor-pattern": rule.pattern.pattern,
+            }
+            if rule.repeated:
+                param.update(style="form", explode=True)
+            out.append(param)
+        return out
+
     # -- operations ------------------------------------------------------------------------------
     def operation(self, plugin_id: str, route: Route, method: str,
                   key_names: tuple[str, ...]) -> dict[str, Any]:
@@ -464,9 +503,20 @@ class _Builder:
                 "schema": self.param_schema(route, name),
                 "x-stagedoor-pattern": rule.pattern.pattern,
             })
+        params.extend(self.query_parameters(route))
         if params:
             op["parameters"] = params
-        if forwards and method in ("POST", "PUT", "PATCH", "DELETE"):
+        body = route.body
+        if body is not None and method not in ("GET", "HEAD"):
+            limit = f" of at most {body.max_bytes} bytes" if body.max_bytes else ""
+            op["requestBody"] = {
+                "required": True,
+                "description": f"A {body.content_type} body{limit}, checked before it is "
+                               "forwarded: another type is a 415, a larger one a 413, one that "
+                               "is not valid against the schema a 400.",
+                "content": {body.content_type: {"schema": body.schema or {}}},
+            }
+        elif forwards and method in ("POST", "PUT", "PATCH", "DELETE"):
             op["requestBody"] = {"required": False,
                                  "description": "Passed to the upstream unchanged.",
                                  "content": {"application/json": {"schema": {}}}}
@@ -478,6 +528,8 @@ class _Builder:
             statuses += [502, 504]
         if "requestBody" in op:
             statuses.append(413)
+        if body is not None and "requestBody" in op:
+            statuses.append(415)
         responses: dict[str, Any] = {str(s): self.error_ref(s, not head) for s in statuses}
         if route.respond is not None:
             key = str(route.respond.status)

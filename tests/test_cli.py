@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shlex
@@ -95,20 +96,34 @@ def test_demo_works_with_no_setup_and_its_curl_lines_do_what_they_say(tmp_path):
         while time.monotonic() < deadline and not any("mint more" in b for b in banner):
             time.sleep(0.1)
         curls = [shlex.split(b.strip()) for b in banner if b.strip().startswith("curl ")]
-        assert len(curls) == 5, "".join(banner) + (proc.stderr.read() if proc.poll() else "")
-        expected = [200, 401, 200, 400, 403]
+        assert len(curls) == 11, "".join(banner) + (proc.stderr.read() if proc.poll() else "")
+        # insights (policies/insights.yaml), then the notes example (examples/notes/notes.yaml)
+        expected = [200, 401, 200, 400, 403, 200, 400, 201, 400, 415, 400]
+        answers = []
         for argv, status in zip(curls, expected, strict=True):
             url = argv[-1]
             port = int(re.search(r":(\d+)/", url).group(1))
             target = url.split(f":{port}", 1)[1]
-            headers = {}
-            if "-H" in argv:
-                name, _, value = argv[argv.index("-H") + 1].partition(": ")
-                headers[name] = value
-            resp = request(port, "GET", target, headers)
+            headers: dict[str, str] = {}
+            body = b""
+            for flag, value in itertools.pairwise(argv):
+                if flag == "-H":
+                    name, _, text = value.partition(": ")
+                    headers[name] = text
+                elif flag == "-d":
+                    body = value.encode()
+                    headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+            resp = request(port, "POST" if body else "GET", target, headers, body=body)
             assert resp.status == status, (url, resp.body)
-        assert resp.json()["error"]["message"] == \
+            answers.append(resp)
+        assert answers[4].json()["error"]["message"] == \
             "This endpoint does not allow 'service' credentials"
+        notes = answers[5]  # declared query only, the upstream's own token, a filtered answer
+        assert notes.json()["upstreamSaw"] == \
+            "/v1/services/payments-api/notes?tag=ops&source=stagedoor"
+        assert notes.header("set-cookie") is None and notes.header("x-powered-by") is None
+        assert answers[8].json()["error"]["message"] == \
+            "Invalid request body: /text: '' is too short (minLength 1)"
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -220,7 +220,8 @@ def last_seen(server: RecordingServer):
 def test_allowed_request_is_rewritten_to_the_upstream_template(env):
     resp = env.get("/api/insights/services/payments-api?verbose=1", token=env.token)
     assert resp.status == 200
-    assert resp.json()["path"] == "/v1/services/payments-api?verbose=1"
+    # undeclared query parameters are dropped, as a Backstage plugin builds its own URL
+    assert resp.json()["path"] == "/v1/services/payments-api"
     assert resp.header("x-upstream") == "yes"
 
 

@@ -39,9 +39,9 @@ def _drive(runtime, flow: http.HTTPFlow, replace_response: bool = False) -> int:
     finished = [0]
     original = Gateway._finish_head
 
-    def counting(self, f):
+    def counting(self, f, *rest):
         finished[0] += 1
-        return original(self, f)
+        return original(self, f, *rest)
 
     async def main() -> None:
         m = build_lean_master(runtime, "127.0.0.1", 0, admin=None)

@@ -53,7 +53,11 @@ routes:
     auth: [user]
     params:
       name: {pattern: '^[a-z]+$'}
+    query:  # the secret-looking query reaches the upstream, and must be redacted in the UI
+      session: {pattern: '^.+$'}
+      page: {pattern: '^[0-9]+$'}
     upstream: ${fixture.url}/v1/items/{name}
+    response: {headers: {allow: [Set-Cookie]}}  # and so does the upstream's cookie
   - path: /down
     auth: unauthenticated
     upstream: ${fixture.downUrl}/down

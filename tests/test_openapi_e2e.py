@@ -59,6 +59,29 @@ routes:
     params:
       term: {pattern: '^.{1,40}$'}
     upstream: ${shop.url}/v1/search/{term}
+  - path: /catalog
+    auth: [user]
+    query:
+      q: {pattern: '^[a-z]{1,10}$', required: true, message: 'q must be a word'}
+      tag: {pattern: '^[a-z]{1,5}$', repeated: true}
+      page: {pattern: '^[1-9][0-9]{0,2}$'}
+    unknownQuery: reject
+    upstream: ${shop.url}/v1/catalog
+  - path: /reviews/{id}
+    methods: [POST]
+    auth: [user]
+    params: {id: '^[a-z]{1,10}$'}
+    body:
+      contentType: application/json
+      maxBytes: 1KiB
+      schema:
+        type: object
+        required: [stars]
+        properties:
+          stars: {type: integer, minimum: 1, maximum: 5}
+          text: {type: string, maxLength: 50}
+        additionalProperties: false
+    upstream: ${shop.url}/v1/reviews/{id}
 """
 
 
@@ -196,6 +219,17 @@ def test_schemathesis_finds_no_nonconforming_response(env, document_file):
     forwarded = [s.path for s in env.upstream.seen[before:]]
     assert any(p.startswith("/v1/items/") for p in forwarded)  # valid cases got through
     assert any(p.startswith("/v1/services/") for p in forwarded)
+    # query parameters and request bodies: valid ones got through, nothing undeclared did
+    catalog = [p for p in forwarded if p.startswith("/v1/catalog")]
+    assert catalog and all(_declared_only(p, {"q", "tag", "page"}) for p in catalog)
+    reviews = [s for s in env.upstream.seen[before:] if s.path.startswith("/v1/reviews/")]
+    assert reviews and all(json.loads(s.body)["stars"] in range(1, 6) for s in reviews)
+
+
+def _declared_only(path: str, names: set[str]) -> bool:
+    from urllib.parse import parse_qsl, urlsplit
+
+    return all(name in names for name, _ in parse_qsl(urlsplit(path).query))
 
 
 def test_schemathesis_with_service_credentials_on_a_service_only_route(env, document_file):

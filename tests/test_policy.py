@@ -56,10 +56,8 @@ def test_upstream_template_is_resolved_and_reencodes_values(tmp_path):
 def test_unknown_key_reported_with_line(tmp_path):
     text = GOOD.replace("    methods: [GET]\n", "    methods: [GET]\n    metods: [POST]\n")
     found = problems(tmp_path, text)
-    assert any(p.endswith(":8: unknown key 'metods' in route (allowed: auth, description, "
-                          "enforce, method, methods, params, path, permission, rateLimit, "
-                          "resource, respond, timeout, upstream)")
-               for p in found), found
+    assert any(":8: unknown key 'metods' in route (allowed: auth, body, description, "
+               "enforce, method, methods, params, path, " in p for p in found), found
 
 
 def test_bad_regex_reported_with_line(tmp_path):
