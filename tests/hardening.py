@@ -170,7 +170,9 @@ class _Handler(socketserver.BaseRequestHandler):
             elif isinstance(doc, bytes):
                 self._send(sock, 200, doc)
             elif doc == "slow":
-                time.sleep(self.server.slow_seconds)
+                # Far slower than the sidecar's JWKS timeout (1 s in the fixture): an answer
+                # well before this proves the timeout cut the fetch short.
+                time.sleep(self.server.jwks_slow_seconds)
                 return False
             elif doc == "reset":
                 _reset(sock)
@@ -269,6 +271,7 @@ class FaultUpstream(socketserver.ThreadingTCPServer):
         self.lock = threading.Lock()
         self.stopping = False
         self.slow_seconds = 3.0
+        self.jwks_slow_seconds = 30.0
         self.huge_sent = 0
         self.pause_huge_at = 0  # /fault/huge*: stop after this many bytes until ``release``
         self.release = threading.Event()

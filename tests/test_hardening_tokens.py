@@ -429,7 +429,9 @@ def test_jwks_fault(env, plugin, behaviour):
     assert error_shape_problem(resp.json(), resp.status) is None
     if resp.status == 503:
         assert int(resp.header("retry-after") or 0) >= 1
-    assert elapsed < 5, elapsed  # jwksTimeoutSeconds is 1 here
+    # jwksTimeoutSeconds is 1 here and a slow key source takes 30 s: not a timing figure, a
+    # bound that only a missing timeout can break, with room for a busy machine.
+    assert elapsed < 20, elapsed
     assert env.up.requests()[before:] == []
     assert env.healthy()
     # The symmetric key of that JWKS, used as an HMAC secret, does not pass either.
