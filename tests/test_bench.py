@@ -3,6 +3,7 @@ the generated 10,000-route policy. Nothing here starts a process or measures any
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -318,3 +319,24 @@ def test_bundled_load_generator_against_bundled_upstream(tmp_path: Path):
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_validation_scenarios_differ_only_in_their_rules(tmp_path: Path):
+    """The query/body validation scenarios: the same routes, with and without the rules."""
+    from bench.targets import NOTE_BODY, QUERY_TARGET, Bench
+    from stagedoor.runtime import load_state
+
+    bench = Bench(tmp_path, use_nginx=False)
+    config = str(bench.config_file("validation"))
+
+    def routes(with_rules: bool) -> dict:
+        state = load_state([config], str(bench.validation_policies(with_rules=with_rules)))
+        return {r.path: r for r in state.policies.plugins["insights"].routes}
+
+    plain, ruled = routes(False), routes(True)
+    assert set(plain) == set(ruled) == {"/health", "/services/{id}", "/services/{id}/notes"}
+    assert not plain["/services/{id}"].query.rules and plain["/services/{id}/notes"].body is None
+    assert {q.name for q in ruled["/services/{id}"].query.rules} == {"window", "limit", "tag"}
+    assert ruled["/services/{id}/notes"].body is not None
+    assert QUERY_TARGET.endswith("?window=30d&limit=20&tag=slo&tag=docs")
+    assert json.loads(NOTE_BODY)["severity"] == "medium"
