@@ -126,6 +126,7 @@ class Identity:
     header: str | None = None
     audience: str | None = None
     plugin: str | None = None
+    ttl: int | None = None  # jwt: seconds the assertion lives (<= 60)
 
 
 @dataclass(frozen=True, slots=True)
@@ -709,7 +710,18 @@ class _FileLoader:
             ident = plain(spec_node.values.get("identity"))
             if isinstance(ident, dict):
                 identity = Identity(ident["type"], ident.get("header"), ident.get("audience"),
-                                    ident.get("plugin"))
+                                    ident.get("plugin"), ident.get("ttl"))
+                ident_line = spec_node.line_of("identity")
+                if identity.type == "jwt" and not identity.audience:
+                    self.problem(ident_line, "identity type jwt needs 'audience' (who the "
+                                 "assertion is for)")
+                if identity.type == "backstage" and not identity.plugin:
+                    self.problem(ident_line, "identity type backstage needs 'plugin' (the "
+                                 "target plugin id)")
+                if identity.type == "backstage" and any(name.lower() == "authorization"
+                                                        for name, _ in headers):
+                    self.problem(ident_line, "identity type backstage sets Authorization: "
+                                 "the upstream headers cannot set it too")
         for name, _ in headers:
             if not _HEADER_NAME.match(name):
                 self.problem(line, f"upstream header name {name!r} is not a valid header name")

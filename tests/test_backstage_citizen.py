@@ -105,6 +105,31 @@ routes:
     auth: [user]
     permission: test.user.user:development/guest
     upstream: ${insights.externalApiUrl}/delegated/mine
+  - path: /whoami
+    auth: [user, service]
+    upstream:
+      url: ${backend.baseUrl}/api/whoami/whoami
+      identity: {type: backstage, plugin: whoami}
+  - path: /capture
+    auth: [user, service]
+    upstream:
+      url: ${insights.externalApiUrl}/capture
+      identity: {type: backstage, plugin: whoami}
+  - path: /signed
+    auth: [user, service]
+    upstream:
+      url: ${insights.verifierUrl}/signed
+      identity: {type: jwt, header: X-Stagedoor-Identity, audience: insights-api}
+  - path: /signed-briefly
+    auth: [user]
+    upstream:
+      url: ${insights.verifierUrl}/signed
+      identity: {type: jwt, header: X-Stagedoor-Identity, audience: insights-api, ttl: 1}
+  - path: /anonymous
+    auth: [user]
+    upstream:
+      url: ${insights.externalApiUrl}/anonymous
+      identity: {type: none}
 permissions:
   - permission: insights.team.read
     effect: allow
@@ -118,7 +143,7 @@ permissions:
 
 
 def config_text(backstage: SessionBackstage, relay: AuthRelay, upstream: RecordingServer,
-                keys: list[dict[str, str]]) -> str:
+                verifier: IdentityVerifier, keys: list[dict[str, str]]) -> str:
     return textwrap.dedent(f"""\
         backend:
           baseUrl: {backstage.base_url}
@@ -136,10 +161,58 @@ def config_text(backstage: SessionBackstage, relay: AuthRelay, upstream: Recordi
               plugins: [auth]
         insights:
           externalApiUrl: {upstream.url}
+          verifierUrl: {verifier.url}
         stagedoor:
           permissions:
             cacheSeconds: 0.01
         """)
+
+
+class IdentityVerifier(LoopbackServer):
+    """An upstream that trusts nothing but stagedoor's signed identity, checked the way
+    docs/backstage.md tells upstreams to: PyJWT's PyJWKClient on the published JWKS, audience,
+    issuer, expiry, and every jti once."""
+
+    def __init__(self, jwks_url: str) -> None:
+        self.jwks = jwt.PyJWKClient(jwks_url, cache_keys=False, lifespan=1)
+        self.seen_jti: set[str] = set()
+        self.headers_seen: list[dict[str, str]] = []
+        super().__init__(_VerifierHandler)
+
+    def check(self, token: str | None) -> tuple[int, dict[str, Any]]:
+        if not token:
+            return 401, {"refused": "no identity"}
+        try:
+            key = self.jwks.get_signing_key_from_jwt(token)
+            claims = jwt.decode(token, key.key, algorithms=["ES256"], audience="insights-api",
+                                issuer="plugin:insights",
+                                options={"require": ["exp", "iat", "jti", "sub"]})
+        except jwt.ExpiredSignatureError:
+            return 401, {"refused": "expired"}
+        except jwt.PyJWTError as exc:
+            return 401, {"refused": f"invalid: {type(exc).__name__}"}
+        if claims["jti"] in self.seen_jti:
+            return 401, {"refused": "replayed"}
+        self.seen_jti.add(claims["jti"])
+        return 200, {"claims": claims}
+
+
+class _VerifierHandler(BaseHTTPRequestHandler):
+    server: IdentityVerifier
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.server.headers_seen.append({k.lower(): v for k, v in self.headers.items()})
+        status, body = self.server.check(self.headers.get("X-Stagedoor-Identity"))
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
 
 @dataclass
@@ -148,6 +221,7 @@ class Env:
     sidecar: Sidecar
     upstream: RecordingServer
     relay: AuthRelay
+    verifier: IdentityVerifier
     config: Path
     keys: dict[str, dict[str, str]]
 
@@ -157,7 +231,7 @@ class Env:
 
     def write_keys(self, *names: str) -> None:
         self.config.write_text(config_text(self.backstage, self.relay, self.upstream,
-                                           [self.keys[n] for n in names]))
+                                           self.verifier, [self.keys[n] for n in names]))
 
     def published_kids(self) -> list[str]:
         return [k["kid"] for k in json.loads(self.get(JWKS, None).body)["keys"]]
@@ -178,19 +252,21 @@ def env(backstage: SessionBackstage, tmp_path_factory: pytest.TempPathFactory) -
     keys = {name: write_key_pair(tmp, name) for name in ("k1", "k2", "k3")}
     upstream = RecordingServer("json")
     relay = AuthRelay(backstage.base_url)
+    verifier = IdentityVerifier(f"http://127.0.0.1:{backstage.sidecar_port}{JWKS}")
     policies = tmp / "policies"
     policies.mkdir()
     (policies / "insights.yaml").write_text(POLICY)
     config = write_config(tmp / "app-config.yaml",
-                          config_text(backstage, relay, upstream, [keys["k1"]]))
+                          config_text(backstage, relay, upstream, verifier, [keys["k1"]]))
     sidecar = start_sidecar([config], policies,
                             extra_args=["--listen", f"127.0.0.1:{backstage.sidecar_port}"])
     try:
-        yield Env(backstage, sidecar, upstream, relay, config, keys)
+        yield Env(backstage, sidecar, upstream, relay, verifier, config, keys)
     finally:
         sidecar.stop()
         upstream.stop()
         relay.stop()
+        verifier.stop()
 
 
 # -- JWKS ------------------------------------------------------------------------------------------
@@ -291,3 +367,134 @@ def test_member_of_is_503_when_the_auth_backend_is_down(env: Env) -> None:
         assert env.get("/api/insights/team", first).status == 200  # looked up before: cached
     finally:
         env.relay.down = False
+    from .test_live_e2e import sample, scrape
+
+    metrics = scrape(env.sidecar)
+    name = "stagedoor_userinfo_lookups_total"
+    assert sample(metrics, name, outcome="lookup") >= 2
+    assert sample(metrics, name, outcome="cache_hit") >= 1
+    assert sample(metrics, name, outcome="failure") >= 1
+
+
+# -- plugin tokens out -----------------------------------------------------------------------------
+def test_backstage_accepts_the_sidecars_plugin_token_for_a_user_with_obo(env: Env) -> None:
+    answer = env.get("/api/insights/whoami", env.backstage.guest_token())
+    assert answer.status == 200, answer.body
+    assert answer.json()["principal"] == {
+        "type": "user", "userEntityRef": GUEST_USER,
+        "actor": {"type": "service", "subject": "plugin:insights"}}
+
+
+def test_backstage_accepts_the_sidecars_plugin_token_for_a_service(env: Env) -> None:
+    answer = env.get("/api/insights/whoami", STATIC_TOKEN)
+    assert answer.status == 200, answer.body
+    assert answer.json()["principal"] == {"type": "service", "subject": "plugin:insights"}
+
+
+def _captured(env: Env, token: str) -> str:
+    before = len(env.upstream.seen)
+    assert env.get("/api/insights/capture", token).status == 200
+    seen = env.upstream.seen[before:]
+    assert len(seen) == 1
+    authorization = seen[0].headers["authorization"]
+    assert len(authorization) == 1 and authorization[0].startswith("Bearer ")
+    minted = authorization[0].removeprefix("Bearer ")
+    assert minted != token  # the caller's token never goes upstream
+    header = jwt.get_unverified_header(minted)
+    assert header["typ"] == "vnd.backstage.plugin"
+    claims = jwt.decode(minted, options={"verify_signature": False})
+    assert claims["sub"] == "insights" and claims["aud"] == "whoami"
+    return minted
+
+
+# -- signed identity to any upstream ---------------------------------------------------------------
+def test_upstream_verifies_the_signed_identity_with_the_published_jwks(env: Env) -> None:
+    answer = request(env.sidecar.port, "GET", "/api/insights/signed",
+                     {"Authorization": f"Bearer {env.backstage.guest_token()}",
+                      "X-Request-Id": "citizen-req-1",
+                      "X-Stagedoor-Identity": "forged-by-the-client"}, timeout=30)
+    assert answer.status == 200, answer.body
+    claims = answer.json()["claims"]
+    assert claims["sub"] == GUEST_USER and claims["principal_type"] == "user"
+    assert claims["aud"] == "insights-api" and claims["request_id"] == "citizen-req-1"
+    assert 0 < claims["exp"] - claims["iat"] <= 60
+    seen = env.verifier.headers_seen[-1]
+    assert "x-stagedoor-principal" not in seen  # the plain headers are off on this route
+    # a service caller is named too
+    service = env.get("/api/insights/signed", STATIC_TOKEN)
+    assert service.json()["claims"]["sub"] == "external:citizen-ci"
+    assert service.json()["claims"]["principal_type"] == "service"
+
+
+def test_upstream_refuses_a_replayed_or_expired_assertion(env: Env) -> None:
+    assert env.get("/api/insights/signed-briefly", env.backstage.guest_token()).status == 200
+    assertion = env.verifier.headers_seen[-1]["x-stagedoor-identity"]
+    assert env.verifier.check(assertion) == (401, {"refused": "replayed"})
+    expires = jwt.decode(assertion, options={"verify_signature": False})["exp"]
+    deadline = time.monotonic() + 10
+    while time.time() <= expires + 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    env.verifier.seen_jti.clear()  # not a replay any more: only its age refuses it now
+    assert env.verifier.check(assertion) == (401, {"refused": "expired"})
+    forged = jwt.encode({"sub": GUEST_USER}, ec.generate_private_key(ec.SECP256R1()),
+                        algorithm="ES256",
+                        headers={"kid": jwt.get_unverified_header(assertion)["kid"]})
+    assert env.verifier.check(forged)[0] == 401
+
+
+def test_identity_none_sends_nothing_about_the_caller(env: Env) -> None:
+    before = len(env.upstream.seen)
+    assert env.get("/api/insights/anonymous", env.backstage.guest_token()).status == 200
+    headers = env.upstream.seen[before].headers
+    assert not any(name.startswith("x-stagedoor-") for name in headers)
+    assert "authorization" not in headers
+
+
+def test_explain_names_the_membership_source_and_the_upstream_identity(env: Env) -> None:
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    def explain(path: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "stagedoor.cli", "explain", "--config", str(env.config),
+             "--policies", str(env.config.parent / "policies"), "GET", path,
+             "--token", env.backstage.guest_token()],
+            cwd=ROOT, capture_output=True, text=True, timeout=60)
+        return done.stdout + done.stderr
+
+    team = explain("/api/insights/team")
+    assert "from the auth backend's /v1/userinfo" in team, team
+    assert "plain headers x-stagedoor-principal" in team, team
+    signed = explain("/api/insights/signed")
+    assert "signed JWT in X-Stagedoor-Identity (aud insights-api" in signed, signed
+    whoami = explain("/api/insights/whoami")
+    assert "Backstage plugin token to plugin 'whoami'" in whoami, whoami
+
+
+# -- key rotation (last: it changes the sidecar's keys) --------------------------------------------
+def test_a_token_whose_key_was_rotated_out_is_refused_by_backstage(env: Env) -> None:
+    guest = env.backstage.guest_token()
+    first = _captured(env, guest)
+    assert jwt.get_unverified_header(first)["kid"] == "k1"
+    assert env.backstage.whoami(first).status_code == 200
+
+    env.write_keys("k2", "k1")  # rotate: k2 signs, k1 still published while its tokens live
+    env.wait_for_kids("k2", "k1")
+    second = _captured(env, guest)
+    assert jwt.get_unverified_header(second)["kid"] == "k2"
+    assert env.backstage.whoami(second).status_code == 200
+    assert env.backstage.whoami(first).status_code == 200
+
+    env.write_keys("k3")  # k1 and k2 rotated out (revoked)
+    env.wait_for_kids("k3")
+    third = _captured(env, guest)
+    accepted = env.backstage.whoami(third)  # a new kid: Backstage fetches the JWKS again
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()["principal"]["actor"] == {"type": "service",
+                                                     "subject": "plugin:insights"}
+    refused = env.backstage.whoami(first)
+    assert refused.status_code == 401, refused.text
+    assert refused.json()["error"]["name"] == "AuthenticationError"
+    assert env.backstage.whoami(second).status_code == 401

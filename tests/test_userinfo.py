@@ -216,3 +216,38 @@ def test_backstage_mutator_needs_a_delegable_user_token() -> None:
 def test_bad_identity_specs(spec: dict[str, str]) -> None:
     with pytest.raises(ValueError):
         build(spec, Signer(), PlainHeaders())
+
+
+def test_policy_identity_problems_are_reported_with_their_line(tmp_path: Any) -> None:
+    from stagedoor.config import Config
+    from stagedoor.policy import PolicyLoadError, load_policies
+
+    (tmp_path / "p.yaml").write_text(
+        "pluginId: p\n"
+        "routes:\n"
+        "  - path: /a\n"
+        "    upstream:\n"
+        "      url: http://127.0.0.1:9/a\n"
+        "      identity: {type: jwt}\n"
+        "  - path: /b\n"
+        "    upstream:\n"
+        "      url: http://127.0.0.1:9/b\n"
+        "      headers: {Authorization: Bearer x}\n"
+        "      identity: {type: backstage}\n"
+        "  - path: /c\n"
+        "    upstream:\n"
+        "      url: http://127.0.0.1:9/c\n"
+        "      identity: {type: jwt, audience: api, ttl: 600}\n")
+    with pytest.raises(PolicyLoadError) as failed:
+        load_policies(tmp_path, Config({}))
+    text = str(failed.value)
+    assert "p.yaml:6" in text and "needs 'audience'" in text
+    assert "needs 'plugin'" in text and "cannot set it too" in text
+    assert "p.yaml:15" in text  # ttl over 60: the schema says so
+    (tmp_path / "p.yaml").write_text(
+        "pluginId: p\nroutes:\n  - path: /a\n    upstream:\n      url: http://127.0.0.1:9/a\n"
+        "      identity: {type: jwt, audience: api, ttl: 5}\n")
+    route = load_policies(tmp_path, Config({})).plugins["p"].routes[0]
+    assert route.upstream is not None and route.upstream.identity is not None
+    mutator = build(route.upstream.identity, Signer(), PlainHeaders())
+    assert isinstance(mutator, SignedAssertion) and mutator.ttl == 5
