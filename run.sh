@@ -47,8 +47,11 @@ find_python() {
 ensure_venv() {
     local stamp="$VENV/.stagedoor-installed" want
     want="$(cat pyproject.toml "$LOCK" | sha256sum | cut -d' ' -f1)"
+    # -P: not from the current directory; an editable install whose source directory is gone
+    # (made from a copy of the repository that shared this .venv) does not count.
     if [[ -x "$VENV/bin/python" ]] && python_ok "$VENV/bin/python" \
-        && [[ -f "$stamp" ]] && [[ "$(cat "$stamp")" == "$want" ]]; then
+        && [[ -f "$stamp" ]] && [[ "$(cat "$stamp")" == "$want" ]] \
+        && "$VENV/bin/python" -P -c 'import stagedoor' >/dev/null 2>&1; then
         return 0
     fi
     local py

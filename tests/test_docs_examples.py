@@ -67,7 +67,17 @@ def _repository_files() -> list[str]:
     return [name for name in out.decode().split("\0") if name and (ROOT / name).is_file()]
 
 
+def _refresh_venv() -> None:
+    """Let this checkout's own run.sh bring .venv in step with pyproject.toml and the lock file
+    first (instant when it is): the copy shares .venv, and its run.sh, seeing a stale stamp,
+    would otherwise reinstall it with the copy (a temporary directory) as the editable source."""
+    result = subprocess.run([str(ROOT / "run.sh"), "--help"], cwd=ROOT, capture_output=True,
+                            timeout=900, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, _decode(result.stderr)
+
+
 def _copy_repository(dest: Path) -> Path:
+    _refresh_venv()
     for name in _repository_files():
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -76,6 +86,8 @@ def _copy_repository(dest: Path) -> Path:
     assert (venv / "bin" / "python").exists(), \
         "run the suite with ./run.sh test: the examples share its .venv"
     (dest / ".venv").symlink_to(venv)
+    for name in ("pyproject.toml", "run.sh"):  # what decides whether run.sh reinstalls
+        assert (dest / name).read_bytes() == (ROOT / name).read_bytes(), name
     return dest
 
 
