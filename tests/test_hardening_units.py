@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import pytest
 from mitmproxy.proxy.layers import http as http_layers
-from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.test import tflow
 
 from stagedoor.config import ConfigError, load_config
@@ -150,12 +149,8 @@ def test_head_problem(data, complete, problem):
 
 
 def test_wrapped_mitmproxy_internals_are_where_we_expect_them():
-    source = inspect.getsource(mitm_internals._original_read_headers
-                               or _http1.Http1Server.read_headers)
-    assert "maybe_extract_lines" in source and "self.buf" in source
+    # What the wrappers need is checked by name at start (check_internals); what they do is
+    # pinned by behaviour over a raw socket in tests/test_mitm_internals.py (431/413 pages).
+    mitm_internals.check_internals()
     check = mitm_internals._original_check_body_size or http_layers.HttpStream.check_body_size
     assert list(inspect.signature(check).parameters) == ["self", "request"]
-    stream_source = inspect.getsource(http_layers.HttpStream)
-    for name in ("request_body_buf", "state_errored", "HttpErrorHook", "REQUEST_TOO_LARGE"):
-        assert name in stream_source or hasattr(http_layers, name), name
-    assert "self.check_body_size(True)" in stream_source
