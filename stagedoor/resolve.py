@@ -43,10 +43,14 @@ async def resolve(request: GatewayRequest, state: State, *, explain: bool = Fals
             return keys
     policies, authorizer = state.policies, state.authorizer
     use = verifier if verifier is not None else state.verifier
+    refreshed: set[int] = set()  # key sources fetched for this request: each at most once
     for _ in range(MAX_ROUNDS):
         try:
             return decide(request, policies, use, authorizer, explain=explain)
         except KeysNeeded as needed:
+            if id(needed.source) in refreshed:
+                break  # fetched once already and still not enough: a slow or broken source
+            refreshed.add(id(needed.source))
             await state.verifier.refresh(needed.source)
         except DelegationNeeded as needed:
             # A stand-in verifier has no real token to show the permission backend.

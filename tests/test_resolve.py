@@ -61,7 +61,9 @@ def test_keys_that_never_arrive_are_a_503_after_bounded_rounds(state):
     d = run(dataclasses.replace(state, verifier=keys), "/api/insights/services/payments-api")
     assert isinstance(d, Deny) and d.error.status == 503 and d.check == "barrier"
     assert ("Retry-After", "5") in d.error.headers
-    assert keys.fetched == MAX_ROUNDS
+    # Each key source is fetched at most once per request: a slow source costs one timeout,
+    # never MAX_ROUNDS of them.
+    assert keys.fetched == 1 < MAX_ROUNDS
 
 
 DELEGATING = """\
