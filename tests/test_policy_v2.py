@@ -494,3 +494,34 @@ def test_property_no_undeclared_parameter_or_bad_value_ever_reaches_the_upstream
 
 
 _PROPERTY_POLICIES = None
+
+
+def test_check_prints_warnings_and_still_passes(tmp_path):
+    import subprocess
+    import sys
+
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "w.yaml").write_text(textwrap.dedent("""\
+        pluginId: w
+        routes:
+          - path: /a
+            upstream:
+              url: https://127.0.0.1:9443/a
+              tls: {insecureSkipVerify: true}
+          - path: /b
+            upstream:
+              url: http://api.example.com/b
+              headers: {Authorization: "Bearer ${w.token}"}
+        """))
+    config = tmp_path / "app-config.yaml"
+    config.write_text("backend:\n  baseUrl: http://127.0.0.1:7007\nw:\n  token: s3cret-w-token\n")
+    result = subprocess.run([sys.executable, "-m", "stagedoor_addons", "check", "--config",
+                             str(config), "--policies", str(policies)],
+                            cwd=Path(__file__).parent.parent, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"{policies}/w.yaml:6: warning: tls.insecureSkipVerify" in result.stderr
+    assert f"{policies}/w.yaml:9: warning: a secret is sent to http://api.example.com over " \
+           "plain http (not loopback): use https" in result.stderr
+    assert "s3cret-w-token" not in result.stderr + result.stdout
