@@ -316,6 +316,7 @@ def test_client_abort_is_499_not_an_upstream_502(env):
     assert wait_for(lambda: bool(logged()))
     (record,) = logged()
     assert (record["status"], record["check"]) == (499, "client"), record
+    assert record["reason"] == "client_abort", record  # what an operator greps for
     assert metric(env, "stagedoor_requests_total", status="499", check="client") >= 1
     assert metric(env, "stagedoor_requests_total", status="502", check="upstream") == 0
 
