@@ -5,7 +5,7 @@ mitmproxy's ``tlsconfig`` addon builds the upstream TLS connection from global o
 (``ssl_verify_upstream_trusted_ca``, ``client_certs``, ``ssl_insecure``); a policy sets these per
 upstream (``upstream.tls``). :class:`UpstreamTlsConfig` lets mitmproxy build the connection
 as usual (SNI, ALPN, hostname verification, ciphers) and then swaps in this upstream's context:
-its trusted CAs (or the public bundle), its client certificate, and no verification only when
+its trusted CAs (or the system's), its client certificate, and no verification only when
 the policy says ``insecureSkipVerify``. Contexts are built once per setting and reused.
 """
 
@@ -16,7 +16,6 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
-import certifi
 from mitmproxy.addons import tlsconfig
 from OpenSSL import SSL
 
@@ -34,7 +33,10 @@ def client_context(setting: UpstreamTls) -> SSL.Context:
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
     context.set_verify(SSL.VERIFY_NONE if setting.insecure_skip_verify else SSL.VERIFY_PEER,
                        None)
-    context.load_verify_locations(setting.ca_file or certifi.where())
+    if setting.ca_file:
+        context.load_verify_locations(setting.ca_file)
+    else:  # the system's trusted CAs (pyOpenSSL falls back to the usual bundle locations)
+        context.set_default_verify_paths()
     if setting.cert_file:
         context.use_certificate_chain_file(setting.cert_file)
         context.use_privatekey_file(setting.key_file or setting.cert_file)
