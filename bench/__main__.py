@@ -279,7 +279,7 @@ def profile_full(bench: Bench, target: Target, args: argparse.Namespace) -> dict
     flame.write_text(profile.flamegraph_svg(stacks, title))
     say(f"  profile: {summary['samples']:,} samples, flame graph in {flame}")
     return {**summary, "rps_while_sampled": round(result.rps, 1), "seconds": args.duration,
-            "flamegraph": str(flame)}
+            "flamegraph": str(flame.relative_to(ROOT) if flame.is_relative_to(ROOT) else flame)}
 
 
 def main(argv: list[str] | None = None) -> int:
