@@ -1,5 +1,6 @@
-"""gc.freeze() after start and after every reload (stagedoor/gcfreeze.py): what was frozen is
-collected at the next reload if it became cyclic garbage, so nothing frozen leaks for good."""
+"""gc.freeze() after start and after every reload (stagedoor/gcfreeze.py): a reload freezes the
+new state without a full collection, the replaced state is freed by reference counting, and
+young cyclic garbage is collected before the freeze."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import gc
 import weakref
 
 from stagedoor.gcfreeze import freeze_loaded
+from stagedoor.runtime import load_state
 from stagedoor_addons import reload as reload_addon
 from stagedoor_addons.reload import Reloader
 
@@ -19,16 +21,22 @@ class _Node:
         self.me = self  # a reference cycle: only the collector frees it
 
 
-def test_frozen_cyclic_garbage_is_collected_at_the_next_reload():
+def test_reloads_freeze_the_new_state_and_free_the_old_one(tmp_path):
+    files = Files(tmp_path)
+    inputs = ([str(files.config)], str(files.policies))
     try:
-        node = _Node()
-        gone = weakref.ref(node)
-        assert freeze_loaded() > 0
-        del node
-        gc.collect()
-        assert gone() is not None  # frozen: the collector does not look at it
-        freeze_loaded(reload=True)
-        assert gone() is None
+        state = load_state(*inputs)
+        freeze_loaded()
+        for _ in range(3):
+            old_config = weakref.ref(state.config)  # frozen with the state it belongs to
+            state = load_state(*inputs)  # the old state is dropped here
+            young = _Node()
+            young_gone = weakref.ref(young)
+            del young
+            freeze_loaded(reload=True)
+            assert young_gone() is None  # young cyclic garbage: collected before the freeze
+            assert old_config() is None  # the replaced state: freed although it was frozen
+        assert state is not None
     finally:
         gc.unfreeze()
 
