@@ -214,3 +214,38 @@ def test_jwks_plugin_path() -> None:
     assert jwks_plugin("/api/a/b/.backstage/auth/v1/jwks.json") is None
     assert jwks_plugin("/api//.backstage/auth/v1/jwks.json") is None
     assert jwks_plugin("/api/insights/health") is None
+
+
+@pytest.mark.e2e
+def test_workers_publish_one_key_set(tmp_path: Path) -> None:
+    """``run --workers 2``: whichever worker a connection reaches serves the same JWKS (the
+    supervisor's seed), so a token one worker signed verifies with the other's keys."""
+    import http.client
+
+    from .conftest import ROOT, RecordingServer, start_sidecar, write_config
+
+    upstream = RecordingServer("json")
+    config = write_config(tmp_path / "app-config.yaml", f"""\
+        backend:
+          baseUrl: {upstream.url}
+        insights:
+          externalApiUrl: {upstream.url}
+        """)
+    sidecar = start_sidecar([config], ROOT / "policies",
+                            extra_args=["--workers", "2", "--admin", "127.0.0.1:0"])
+    try:
+        bodies = set()
+        for _ in range(30):  # a new connection each time: the kernel spreads them
+            conn = http.client.HTTPConnection(sidecar.host, sidecar.port, timeout=10)
+            try:
+                conn.request("GET", "/api/insights/.backstage/auth/v1/jwks.json")
+                response = conn.getresponse()
+                assert response.status == 200
+                bodies.add(response.read())
+            finally:
+                conn.close()
+        assert len(bodies) == 1, bodies
+        assert json.loads(bodies.pop())["keys"][0]["alg"] == "ES256"
+    finally:
+        sidecar.stop()
+        upstream.stop()
