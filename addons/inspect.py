@@ -410,6 +410,11 @@ class Annotator:
         elif decision == "error":
             f.marked = MARK_ERROR
 
+    def requestheaders(self, f: http.HTTPFlow) -> None:
+        # The gateway decides on the head: a refusal's response is set in this hook already,
+        # so the UI must not show it without its decision.
+        self._annotate(f)
+
     def request(self, f: http.HTTPFlow) -> None:
         self._annotate(f)
 
