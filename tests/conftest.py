@@ -29,6 +29,28 @@ pytest_plugins = [
 ]
 
 
+# -- parallel runs (pytest-xdist) ------------------------------------------------------------------
+#: One worker per CPU (at least two): the suite mostly waits on real processes and sockets, so
+#: two workers on two cores overlap those waits; more would starve the sidecars they start
+#: (their answers are timed: JWKS timeouts, head limits). Capped for big machines.
+MIN_WORKERS = 2
+MAX_WORKERS = 8
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    return max(MIN_WORKERS, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Scheduling groups for ``--dist loadgroup``: a module's tests run on one worker (its
+    module-scoped sidecars and servers start once), and every test that uses the session's
+    Backstage backend runs on one worker (it starts once, a real Node process)."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        group = "backstage" if "backstage" in fixtures else item.nodeid.partition("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 # -- upstreams -------------------------------------------------------------------------------------
 @dataclass
 class SeenRequest:

@@ -43,8 +43,8 @@ def values(fields: fw.Fields, name: str) -> list[bytes]:
 
 # -- hostile request headers ---------------------------------------------------------------------
 # Each spoofed header in every case variant a client might try.
-CASED = [(variant, value) for name, value in SPOOFED_HEADERS
-         for variant in {name, name.lower(), name.upper(), name.title()}]
+CASED = [(variant, value) for name, value in SPOOFED_HEADERS  # (ordered: xdist workers agree)
+         for variant in dict.fromkeys([name, name.lower(), name.upper(), name.title()])]
 
 
 @pytest.mark.parametrize(("name", "value"), CASED, ids=[f"{n}" for n, _ in CASED])

@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler
@@ -119,6 +119,15 @@ def files(tmp_path: Path) -> Iterator[tuple[Path, Path, Backend, RecordingServer
     upstream.stop()
 
 
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 def _identity(headers: dict[str, list[str]]) -> dict[str, list[str]]:
     return {name: value for name, value in headers.items()
             if name.startswith(("x-a-", "x-b-"))}
@@ -158,27 +167,38 @@ def test_reloads_under_load_forward_each_request_with_the_state_it_was_decided_o
         finally:
             conn.close()
 
+    def reloads() -> list[str]:
+        return [line for line in list(sidecar.stderr_lines) if "stagedoor reloaded" in line]
+
+    def answered_after(count: int) -> bool:
+        with lock:
+            return len(statuses) >= count
+
     try:
         with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(worker) for _ in range(6)]
             try:
                 for i in range(ROUNDS):
-                    time.sleep(0.15)
+                    # some traffic on this state, then the switch, applied before the next one
+                    seen_so_far = len(statuses)
+                    wait_for(lambda n=seen_so_far: answered_after(n + 20), 30, "traffic")
                     write_atomically(config, config_text(backend.url, upstream.url,
                                                          "b" if i % 2 == 0 else "a"))
                     sidecar.proc.send_signal(signal.SIGHUP)
-                time.sleep(0.15)
+                    wait_for(lambda i=i: len(reloads()) > i, 30, f"reload {i + 1}")
+                seen_so_far = len(statuses)
+                wait_for(lambda: answered_after(seen_so_far + 20), 30, "traffic at the end")
             finally:
                 stop.set()
             for f in futures:
                 f.result()
-        reloads = [line for line in sidecar.stderr_lines if "stagedoor reloaded" in line]
+        applied = reloads()
     finally:
         sidecar.stop()
 
     assert failures == []
     assert statuses and set(statuses) == {200}, set(statuses)
-    assert len(reloads) >= ROUNDS // 2, reloads  # SIGHUPs close together may share a reload
+    assert len(applied) == ROUNDS, applied
     seen = {"a": 0, "b": 0}
     mixed = []
     for request in upstream.seen:
