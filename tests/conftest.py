@@ -41,9 +41,10 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(MIN_WORKERS, min(MAX_WORKERS, os.cpu_count() or 1))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Scheduling groups for ``--dist loadgroup``: a module's tests run on one worker (its
-    module-scoped sidecars and servers start once), and every test that uses the session's
+    """Scheduling groups for ``--dist loadgroup``: a module's tests run on one worker, in order
+    (its module-scoped sidecars and servers start once), and every test that uses the session's
     Backstage backend runs on one worker (it starts once, a real Node process)."""
     for item in items:
         fixtures = getattr(item, "fixturenames", ())

@@ -517,6 +517,10 @@ PATH_POSITIONS: list[tuple[str, str]] = [
     ("plugin id", "/api/{p}/items/abc"),
 ]
 
+#: Payloads per category that tests/test_hardening_paths.py sends through a real sidecar; the
+#: whole table runs in process (tests/test_core_tables.py).
+SMOKE_PAYLOADS = 3
+
 #: Targets that must never reach an upstream, whatever else happens.
 MUST_DENY_TARGETS: list[str] = [
     "/api/fixture/items/../admin",
@@ -1028,7 +1032,9 @@ def counts() -> list[tuple[str, str, int, str]]:
     rows: list[tuple[str, str, int, str]] = []
     for category, payloads in PATH_PAYLOADS.items():
         rows.append(("paths", f"payloads: {category} (x {len(PATH_POSITIONS)} positions)",
-                     len(payloads) * len(PATH_POSITIONS), "test_hardening_paths.py"))
+                     len(payloads) * len(PATH_POSITIONS),
+                     f"test_core_tables.py (in process); the first {SMOKE_PAYLOADS} through "
+                     "a sidecar: test_hardening_paths.py"))
     rows += [
         ("paths", "targets that must never reach an upstream", len(MUST_DENY_TARGETS),
          "test_hardening_paths.py"),
@@ -1047,6 +1053,8 @@ def counts() -> list[tuple[str, str, int, str]]:
         ("tokens", "hostile credentials through the proxy", len(test_hardening_tokens.
                                                                    TOKEN_CASES),
          "test_hardening_tokens.py"),
+        ("tokens", "the same credentials in process (head check and resolve)",
+         len(test_hardening_tokens.TOKEN_CASES) - 1, "test_core_tables.py"),
         ("tokens", "tokens in the query string (with and without a bad header)", 8,
          "test_hardening_tokens.py"),
         ("tokens", "JWKS endpoints down, slow, garbage or hostile",
