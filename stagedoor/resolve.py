@@ -60,10 +60,13 @@ async def resolve(request: GatewayRequest, state: State, *, explain: bool = Fals
         except MembershipNeeded as needed:
             assert authorizer.userinfo is not None
             await authorizer.userinfo.resolve(needed.token, needed.subject, needed.expires_at)
+    return _unavailable(request, "credentials still unresolved after refetching")
+
+
+def _unavailable(request: GatewayRequest, reason: str) -> Decision:
     return refuse(request.target, "barrier",
                   ApiError(503, MSG_SOURCE_UNAVAILABLE,
-                           headers=(("Retry-After", str(RETRY_AFTER)),)),
-                  "credentials still unresolved after refetching")
+                           headers=(("Retry-After", str(RETRY_AFTER)),)), reason)
 
 
 def jwks_answer(request: GatewayRequest, state: State) -> Decision | None:

@@ -56,7 +56,9 @@ def test_keys_are_fetched_then_the_request_is_decided_again(state):
     assert isinstance(d, Forward) and d.principal == JANE and keys.fetched == 1
 
 
-def test_keys_that_never_arrive_are_a_503_after_bounded_rounds(state):
+def test_keys_that_never_arrive_are_a_503_after_one_fetch(state):
+    """A key source is fetched once per request: a second fetch of a source that was just
+    down or slow would only make the caller wait another timeout."""
     keys = KeysLater(never=True)
     d = run(dataclasses.replace(state, verifier=keys), "/api/insights/services/payments-api")
     assert isinstance(d, Deny) and d.error.status == 503 and d.check == "barrier"
@@ -64,6 +66,24 @@ def test_keys_that_never_arrive_are_a_503_after_bounded_rounds(state):
     # Each key source is fetched at most once per request: a slow source costs one timeout,
     # never MAX_ROUNDS of them.
     assert keys.fetched == 1 < MAX_ROUNDS
+
+
+def test_rounds_are_bounded_even_when_each_asks_for_a_new_source(state):
+    class NewSourceEachTime(KeysLater):
+        held: list[object] = []  # (a verifier holds its sources)
+
+        def verify(self, token: str, plugin_id: str) -> Principal:
+            self.source = SimpleNamespace(url=f"http://127.0.0.1:1/jwks/{self.fetched}")
+            self.held.append(self.source)
+            raise KeysNeeded(self.source)  # type: ignore[arg-type]
+
+        async def refresh(self, source: object) -> None:
+            self.fetched += 1
+
+    keys = NewSourceEachTime()
+    d = run(dataclasses.replace(state, verifier=keys), "/api/insights/services/payments-api")
+    assert isinstance(d, Deny) and d.error.status == 503
+    assert keys.fetched == MAX_ROUNDS
 
 
 DELEGATING = """\
