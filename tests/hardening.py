@@ -390,6 +390,21 @@ class HardEnv:
             "insights": {"externalApiUrl": self.up.url}}))
         self.sidecar: Sidecar = start_sidecar([self.config_file], self.policy_dir)
         self.token = self.user_token()
+        self._wait_for_user_keys()
+
+    def _wait_for_user_keys(self, timeout: float = 30.0) -> None:
+        """Until the sidecar holds the user keys: its start-up fetch has a 1 s timeout
+        (jwksTimeoutSeconds), which a busy machine can miss; a test must not start then."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.call("/api/fixture/items/abc", self.token).status != 503:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("the sidecar never got the user keys:\n"
+                           + "\n".join(self.sidecar.stderr_lines[-20:]))
 
     @property
     def port(self) -> int:
