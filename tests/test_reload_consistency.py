@@ -96,7 +96,9 @@ def config_text(backend: str, upstream: str, which: str) -> str:
             "  reload: {watch: false}\n"
             f"  identityHeaders: {{principal: x-{which}-principal, "
             f"principalType: x-{which}-type}}\n"
-            "  accessLog: {enabled: false}\n")
+            "  accessLog: {enabled: false}\n"
+            # a busy machine must not turn the slow backend into a deny: generous timeout
+            "  permissions: {timeoutSeconds: 30}\n")
 
 
 def write_atomically(path: Path, text: str) -> None:
