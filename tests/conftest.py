@@ -41,15 +41,10 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(MIN_WORKERS, min(MAX_WORKERS, os.cpu_count() or 1))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Scheduling groups for ``--dist loadgroup``: a module's tests run on one worker, in order
-    (its module-scoped sidecars and servers start once), and every test that uses the session's
-    Backstage backend runs on one worker (it starts once, a real Node process)."""
-    for item in items:
-        fixtures = getattr(item, "fixturenames", ())
-        group = "backstage" if "backstage" in fixtures else item.nodeid.partition("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+# Scheduling is ``--dist loadscope`` (pyproject.toml): a module's tests run on one worker, in
+# order, so its module-scoped sidecars start once and tests that read what earlier ones did
+# (inspect's --save file after its replay) see it. ``loadgroup`` with marks added from a conftest
+# hook was tried and silently split modules: xdist had read the marks before the hook ran.
 
 
 # -- upstreams -------------------------------------------------------------------------------------

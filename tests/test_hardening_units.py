@@ -107,7 +107,9 @@ def test_billion_laughs_policy_is_refused_fast():
     started = time.monotonic()
     with pytest.raises(YamlSyntaxError, match="too large"):
         load_lined(_billion_laughs(9, "pluginId: x\nroutes: ").decode())
-    assert time.monotonic() - started < 2
+    # Not a timing figure: expanding 10**9 nodes would take hours, so only a missing guard
+    # can break this bound, whatever the machine's load.
+    assert time.monotonic() - started < 30
 
 
 def test_billion_laughs_config_is_refused_fast(tmp_path):
@@ -116,7 +118,7 @@ def test_billion_laughs_config_is_refused_fast(tmp_path):
     started = time.monotonic()
     with pytest.raises(ConfigError, match="nested aliases"):
         load_config([f])
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 30  # (as above: only a missing guard can break it)
 
 
 def test_modest_aliases_still_work():
