@@ -15,11 +15,10 @@ import json
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -33,7 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from stagedoor.devkeys import generate_dev_keys, mint_user_token
 from stagedoor.errors import SECURITY_HEADERS
 
-from .conftest import ROOT, Sidecar, start_sidecar, write_config
+from .conftest import ROOT, LoopbackServer, Sidecar, start_sidecar, write_config
 from .httpraw import request
 
 pytestmark = pytest.mark.e2e
@@ -109,28 +108,13 @@ class Seen:
     client_cert: str | None
 
 
-class Upstream(ThreadingHTTPServer):
+class Upstream(LoopbackServer):
     """Records every request; answers JSON (or HTML under /v1/html) with headers the response
     filter has to deal with."""
 
-    daemon_threads = True
-
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.seen: list[Seen] = []
-        super().__init__(("127.0.0.1", 0), _Handler)
-        if tls is not None:
-            self.socket = tls.wrap_socket(self.socket, server_side=True)
-        self.scheme = "https" if tls else "http"
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.server_address[1]}"
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
+        super().__init__(_Handler, tls)
 
 
 class _Handler(BaseHTTPRequestHandler):
