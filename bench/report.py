@@ -365,7 +365,7 @@ def _md_table(run: dict[str, Any]) -> str:
 def _why(run: dict[str, Any], v: Verdict) -> str:
     """A plain explanation of each verdict, from what this run measured."""
     nproc = run["machine"].get("nproc") or 0
-    noisy = _load_before(run) >= 0.5
+    noisy = _noisy(run)
     noise = (" Other work was running on this machine during the run (see the conditions "
              "above), which alone moves single figures by 10-20%." if noisy else "")
     if v.met is None:
@@ -503,6 +503,16 @@ def _scaling(run: dict[str, Any]) -> str:
     return " / ".join(f"{scaling[k]:.2f}x" for k in ("before", "after") if k in scaling)
 
 
+def _noisy(run: dict[str, Any]) -> bool:
+    """Whether other work shared the cores: the CPU scaling probe says it best (a load average
+    still decaying from work that just ended does not take a core); without a probe, the
+    1-minute load average at the start."""
+    probe = (run.get("cpu_scaling") or {}).get("before")
+    if probe:
+        return probe < 1.8
+    return _load_before(run) >= 0.5
+
+
 def _noise_note(run: dict[str, Any]) -> str:
     before = _load_before(run)
     note = (run.get("conditions") or "").strip()
@@ -510,14 +520,15 @@ def _noise_note(run: dict[str, Any]) -> str:
     text += (f"CPU scaling probe (two CPU-bound processes against one; 2.00x on two free cores) "
              f"{_scaling(run)} before / after the load runs; 1-minute load average "
              f"{before:.2f} at the start. ")
-    if before >= 0.5:
+    if _noisy(run):
         return text + ("Other work shared the two cores with the benchmark, so single figures "
                        "carry noise of the order of 10-20% (the `other processes` column shows "
                        "how much CPU the rest of the machine took during each measurement). "
                        "Every scenario gets the same load, one after the other (and interleaved "
                        "when there are several rounds), so ratios suffer less than absolute "
                        "figures; CPU per request suffers least.")
-    return text + ("The machine was otherwise idle when the run started. Every scenario gets the "
+    return text + ("The machine was otherwise idle when the run started (the probe saw two "
+                   "free cores). Every scenario gets the "
                    "same load, one after the other (interleaved when there are several rounds).")
 
 
