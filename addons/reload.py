@@ -235,17 +235,30 @@ class Reloader:
             plan = watch_plan(self.runtime.config_files, self.runtime.policy_dir)
             if first:
                 log.info("stagedoor watching %s for changes", ", ".join(plan.dirs))
-            else:  # the watch was rebuilt: catch what changed while it was down
-                await self.reload("change while re-arming the watch")
-            first = False
+            watcher = awatch(*plan.dirs, watch_filter=plan, recursive=False,
+                             debounce=WATCH_DEBOUNCE_MS, step=WATCH_STEP_MS,
+                             stop_event=self._stop)
+            # Entering the generator arms the watches (watchfiles sets them up before its first
+            # await) and from then on every event is kept for the next answer. Only then catch
+            # what changed while the watch was down: re-arming after that reload left a window
+            # in which an edit (e.g. right after a moved symlink was picked up) was lost.
+            pending = asyncio.ensure_future(anext(watcher))
             try:
-                async for changes in awatch(*plan.dirs, watch_filter=plan, recursive=False,
-                                            debounce=WATCH_DEBOUNCE_MS, step=WATCH_STEP_MS,
-                                            stop_event=self._stop):
+                await asyncio.sleep(0)  # the generator runs up to its first await
+                if not first:
+                    await self.reload("change while re-arming the watch")
+                first = False
+                while True:
+                    try:
+                        changes = await pending
+                    except StopAsyncIteration:
+                        break
                     await self.reload(describe_changes(changes))
                     if watch_plan(self.runtime.config_files, self.runtime.policy_dir) != plan:
                         break  # e.g. a ConfigMap swap moved the real files: re-arm
+                    pending = asyncio.ensure_future(anext(watcher))
             except asyncio.CancelledError:
+                pending.cancel()  # shutting down (watchfiles sets the stop event on cancel)
                 raise
             except Exception as exc:  # a vanished directory, an inotify limit...
                 log.warning("stagedoor file watch failed (%s); retrying in 1s (SIGHUP still "
