@@ -96,6 +96,16 @@ class RecordingServer(LoopbackServer):
         super().__init__(_RecordingHandler)
 
 
+def read_request(handler: BaseHTTPRequestHandler) -> tuple[dict[str, list[str]], bytes]:
+    """A test upstream's view of a request: headers (lowercased names, every value) and body."""
+    length = int(handler.headers.get("content-length") or 0)
+    body = handler.rfile.read(length) if length else b""
+    headers: dict[str, list[str]] = {}
+    for key, value in handler.headers.items():
+        headers.setdefault(key.lower(), []).append(value)
+    return headers, body
+
+
 class _RecordingHandler(BaseHTTPRequestHandler):
     server: RecordingServer
     protocol_version = "HTTP/1.1"
@@ -104,11 +114,7 @@ class _RecordingHandler(BaseHTTPRequestHandler):
         pass
 
     def _handle(self) -> None:
-        length = int(self.headers.get("content-length") or 0)
-        body = self.rfile.read(length) if length else b""
-        headers: dict[str, list[str]] = {}
-        for key, value in self.headers.items():
-            headers.setdefault(key.lower(), []).append(value)
+        headers, body = read_request(self)
         self.server.seen.append(SeenRequest(self.command, self.path, headers, body))
         self.server.hits[self.path] = self.server.hits.get(self.path, 0) + 1
         if self.path.endswith("jwks.json"):

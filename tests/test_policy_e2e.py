@@ -32,7 +32,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from stagedoor.devkeys import generate_dev_keys, mint_user_token
 from stagedoor.errors import SECURITY_HEADERS
 
-from .conftest import ROOT, LoopbackServer, Sidecar, start_sidecar, write_config
+from .conftest import (
+    ROOT,
+    LoopbackServer,
+    Sidecar,
+    read_request,
+    start_sidecar,
+    write_config,
+)
 from .httpraw import request
 
 pytestmark = pytest.mark.e2e
@@ -125,11 +132,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _handle(self) -> None:
-        length = int(self.headers.get("content-length") or 0)
-        body = self.rfile.read(length) if length else b""
-        headers: dict[str, list[str]] = {}
-        for key, value in self.headers.items():
-            headers.setdefault(key.lower(), []).append(value)
+        headers, body = read_request(self)
         peer = None
         if isinstance(self.connection, ssl.SSLSocket):
             cert = self.connection.getpeercert()
