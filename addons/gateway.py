@@ -23,6 +23,7 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from stagedoor import forwarding
+from stagedoor.auth import extract_bearer
 from stagedoor.body import check_body, check_body_head, is_json_type
 from stagedoor.decide import API_PREFIX, Answer, Decision, Deny, Forward, GatewayRequest, refuse
 from stagedoor.errors import JSON_CONTENT_TYPE, ApiError, render_error
@@ -33,7 +34,6 @@ from stagedoor.logsetup import current_request_id, redact_target
 from stagedoor.resolve import resolve
 from stagedoor.response_rules import content_type_of, filter_response_fields
 from stagedoor.runtime import Runtime, State
-from stagedoor.tokens import extract_bearer
 
 from . import mitm_internals, ratelimit
 from .record import META, FlowRecord, record_of

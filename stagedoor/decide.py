@@ -3,7 +3,7 @@
 Order of checks (docs/design.md): plugin -> credentials barrier -> route and method -> principal
 kind -> access restrictions -> path parameters -> query parameters -> permission -> action.
 Nothing here touches the network or mitmproxy. Three side doors, all exceptions:
-:class:`~stagedoor.tokens.KeysNeeded` (a token needs a key set that is not cached yet),
+:class:`~stagedoor.auth.KeysNeeded` (a token needs a key set that is not cached yet),
 :class:`~stagedoor.permissions.DelegationNeeded` (a rule asks the permission backend) and
 :class:`~stagedoor.userinfo.MembershipNeeded` (a ``memberOf`` needs the user's ownership refs
 from the auth backend); the caller does the I/O and calls ``decide`` again.
@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import ClassVar, Protocol
 
+from .auth import CredentialError, KeySourceUnavailable, Principal, extract_bearer
 from .errors import ApiError
 from .permissions import Authorizer, DelegationNeeded, evaluate
 from .policy import LocalResponse, PolicySet, Route
 from .query import QueryRejected, shape_query
 from .routing import PathRejected, split_segments
-from .tokens import CredentialError, KeySourceUnavailable, Principal, extract_bearer
 from .userinfo import MembershipUnavailable
 
 API_PREFIX = "/api/"

@@ -1,6 +1,6 @@
 """Development keys and Backstage-shaped tokens, for the demo and the tests.
 
-Nothing here is used to verify anything: :mod:`stagedoor.tokens` only ever sees the public
+Nothing here is used to verify anything: :mod:`stagedoor.auth` only ever sees the public
 halves, through a JWKS served over HTTP.
 
 - :func:`generate_dev_keys` creates (or loads) two ES256 keys, one standing in for the auth

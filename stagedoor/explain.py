@@ -13,12 +13,12 @@ import dataclasses
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from .auth import Principal
 from .body import check_body, media_type
 from .decide import Answer, Decision, Deny, Forward, GatewayRequest, TraceStep
 from .ratelimit import LimitOutcome, describe_backstage_limit
 from .resolve import resolve
 from .runtime import State
-from .tokens import Principal
 
 _STAND_IN_TOKEN = "stagedoor-explain-stand-in"
 

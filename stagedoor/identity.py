@@ -24,9 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .auth import Principal
 from .minting import MintError, identity_assertion, limited_user_token, plugin_token
 from .signing import Signer
-from .tokens import Principal
 
 Fields = tuple[tuple[bytes, bytes], ...]
 KINDS = ("headers", "jwt", "backstage", "none")

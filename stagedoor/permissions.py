@@ -43,10 +43,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import outbound
+from .auth import Principal
 from .config import Config, ConfigError
 from .minting import MintError, OnBehalfOf, limited_user_token, plugin_token
 from .signing import Signer
-from .tokens import Principal
 from .userinfo import UserInfoClient
 
 log = logging.getLogger("stagedoor.permissions")

@@ -9,13 +9,13 @@ it can run as soon as the head is in, before any body is read.
 
 from __future__ import annotations
 
+from .auth import MSG_SOURCE_UNAVAILABLE, KeysNeeded, extract_bearer
 from .decide import Answer, Context, Decision, Deny, GatewayRequest, Verifier, decide, refuse
 from .errors import ApiError
 from .permissions import DelegationNeeded
 from .policy import LocalResponse
 from .runtime import State
 from .signing import JWKS_CONTENT_TYPE, JWKS_PATH, jwks_plugin
-from .tokens import MSG_SOURCE_UNAVAILABLE, KeysNeeded, extract_bearer
 from .userinfo import MembershipNeeded
 
 #: Fetch-and-decide-again rounds before giving up with a 503 (a token names one key source,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import identity
+from .auth import AuthSettings, TokenVerifier
 from .config import Config, ConfigError, load_config
 from .edge import EdgeSettings
 from .errors import SECURITY_HEADERS
@@ -25,7 +26,6 @@ from .permissions import Authorizer
 from .policy import PolicySet, load_policies, parse_duration, policy_files
 from .ratelimit import RateLimiter, RateLimitSettings
 from .signing import Signer, SigningSettings
-from .tokens import AuthSettings, TokenVerifier
 
 log = logging.getLogger("stagedoor")
 

@@ -27,9 +27,9 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.test import tflow
 
 from bench.targets import REQUEST_PATH, UPSTREAM_PATH, generated_policy
+from stagedoor.auth import parse_jwks
 from stagedoor.devkeys import generate_dev_keys, mint_user_token
 from stagedoor.runtime import Runtime
-from stagedoor.tokens import parse_jwks
 
 UPSTREAM = "http://127.0.0.1:9"
 FORBIDDEN = ((re, "_compile"), (json, "loads"), (yaml, "safe_load"), (yaml, "load"),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from stagedoor.auth import CredentialError, KeySourceUnavailable, Principal
 from stagedoor.config import Config
 from stagedoor.decide import (
     Answer,
@@ -18,7 +19,6 @@ from stagedoor.decide import (
     decide,
 )
 from stagedoor.policy import load_policies
-from stagedoor.tokens import CredentialError, KeySourceUnavailable, Principal
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = Config(data={"insights": {"externalApiUrl": "http://127.0.0.1:9000"}})

@@ -8,9 +8,9 @@ import itertools
 import pytest
 
 from stagedoor import forwarding as fw
+from stagedoor.auth import Principal
 from stagedoor.errors import SECURITY_HEADERS
 from stagedoor.identity import Caller, Mutator, PlainHeaders
-from stagedoor.tokens import Principal
 
 from .hardening import SPOOFED_HEADERS
 

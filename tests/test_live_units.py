@@ -16,6 +16,7 @@ from mitmproxy.test import tflow
 from prometheus_client.parser import text_string_to_metric_families
 from watchfiles import Change
 
+from stagedoor.auth import Principal
 from stagedoor.config import ConfigError, load_config
 from stagedoor.decide import Context, Decision, Deny, Forward, Upstream
 from stagedoor.errors import ApiError
@@ -36,7 +37,6 @@ from stagedoor.runtime import (
     load_state,
     parse_listen,
 )
-from stagedoor.tokens import Principal
 from stagedoor_addons.accesslog import AccessLog, access_record
 from stagedoor_addons.admin import AdminServer, Metrics, parse_head
 from stagedoor_addons.lifecycle import Lifecycle

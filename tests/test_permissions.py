@@ -15,6 +15,7 @@ from typing import Any
 import jwt
 import pytest
 
+from stagedoor.auth import Principal
 from stagedoor.config import Config
 from stagedoor.decide import GatewayRequest, decide
 from stagedoor.devkeys import generate_dev_keys, mint_user_token
@@ -26,7 +27,6 @@ from stagedoor.permissions import (
     parse_rules,
 )
 from stagedoor.policy import PolicyLoadError, load_policies
-from stagedoor.tokens import Principal
 
 from .conftest import ROOT, LoopbackServer, RecordingServer, start_sidecar, write_config
 from .httpraw import request

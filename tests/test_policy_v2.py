@@ -434,7 +434,7 @@ def test_every_stagedoor_config_key_the_code_reads_is_in_the_schema():
 # -- the property through the whole decision -------------------------------------------------------
 class _Jane:
     def verify(self, token: str, plugin_id: str):
-        from stagedoor.tokens import Principal
+        from stagedoor.auth import Principal
 
         return Principal("user", "user:default/jane", source="test")
 

@@ -25,6 +25,15 @@ from urllib.parse import quote, unquote_to_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from stagedoor.auth import (
+    AuthSettings,
+    CredentialError,
+    KeysNeeded,
+    KeySourceUnavailable,
+    Principal,
+    TokenVerifier,
+    parse_jwks,
+)
 from stagedoor.config import Config
 from stagedoor.decide import Answer, Deny, Forward, GatewayRequest, decide
 from stagedoor.devkeys import DevKey, mint_user_token
@@ -37,15 +46,6 @@ from stagedoor.errors import (
 )
 from stagedoor.policy import load_policies
 from stagedoor.query import shape_query
-from stagedoor.tokens import (
-    AuthSettings,
-    CredentialError,
-    KeysNeeded,
-    KeySourceUnavailable,
-    Principal,
-    TokenVerifier,
-    parse_jwks,
-)
 
 from .conftest import ROOT
 from .hardening import FIXTURE_POLICY, PATH_PAYLOADS, error_shape_problem, producible

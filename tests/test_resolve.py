@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from stagedoor.auth import KeysNeeded, Principal
 from stagedoor.decide import Answer, Deny, Forward, GatewayRequest
 from stagedoor.resolve import MAX_ROUNDS, resolve
 from stagedoor.runtime import State, load_state
-from stagedoor.tokens import KeysNeeded, Principal
 
 ROOT = Path(__file__).resolve().parent.parent
 JANE = Principal("user", "user:default/jane", source="user")

@@ -27,6 +27,15 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from stagedoor.auth import (
+    AuthSettings,
+    CredentialError,
+    KeysNeeded,
+    KeySourceUnavailable,
+    Principal,
+    TokenVerifier,
+    extract_bearer,
+)
 from stagedoor.auth import verifier as verifier_module
 from stagedoor.config import Config, ConfigError, MissingConfigError, load_config
 from stagedoor.devkeys import (
@@ -36,15 +45,6 @@ from stagedoor.devkeys import (
     mint_plugin_token,
     mint_user_token,
     public_jwk,
-)
-from stagedoor.tokens import (
-    AuthSettings,
-    CredentialError,
-    KeysNeeded,
-    KeySourceUnavailable,
-    Principal,
-    TokenVerifier,
-    extract_bearer,
 )
 
 AUTH_JWKS = "/api/auth/.well-known/jwks.json"

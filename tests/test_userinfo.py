@@ -13,6 +13,7 @@ from typing import Any
 import jwt
 import pytest
 
+from stagedoor.auth import Principal
 from stagedoor.identity import (
     BackstagePluginToken,
     Caller,
@@ -24,7 +25,6 @@ from stagedoor.identity import (
 )
 from stagedoor.permissions import Authorizer
 from stagedoor.signing import Signer
-from stagedoor.tokens import Principal
 from stagedoor.userinfo import (
     MembershipNeeded,
     MembershipUnavailable,
