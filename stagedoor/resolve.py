@@ -2,14 +2,19 @@
 
 :func:`~stagedoor.decide.decide` never touches the network; when it needs a key set
 (``KeysNeeded``) or a permission backend answer (``DelegationNeeded``) it says so. This is the
-one loop that does that I/O and decides again; the gateway, ``stagedoor explain`` and the
-tests all go through it. It reads only the request head (method, target, Authorization), so
+one place that does that I/O and decides again (through the one fetch-and-ask-again loop,
+:func:`stagedoor.auth.settle.fetch_until_settled`, with its bounds: each key source fetched at
+most once per request, at most ``MAX_ROUNDS`` rounds); the gateway, ``stagedoor explain`` and
+the tests all go through it. It reads only the request head (method, target, Authorization), so
 it can run as soon as the head is in, before any body is read.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 from .auth import MSG_SOURCE_UNAVAILABLE, KeysNeeded, extract_bearer
+from .auth.settle import MAX_ROUNDS, Unsettled, fetch_until_settled
 from .decide import Answer, Context, Decision, Deny, GatewayRequest, Verifier, decide, refuse
 from .errors import ApiError
 from .permissions import DelegationNeeded
@@ -18,10 +23,6 @@ from .runtime import State
 from .signing import JWKS_CONTENT_TYPE, JWKS_PATH, jwks_plugin
 from .userinfo import MembershipNeeded
 
-#: Fetch-and-decide-again rounds before giving up with a 503 (a token names one key source,
-#: a memberOf needs one userinfo answer, a route one permission: four rounds settle any
-#: request; a fifth covers a rotation race).
-MAX_ROUNDS = 5
 RETRY_AFTER = 5
 
 
@@ -41,26 +42,39 @@ async def resolve(request: GatewayRequest, state: State, *, explain: bool = Fals
         keys = jwks_answer(request, state)
         if keys is not None:
             return keys
-    policies, authorizer = state.policies, state.authorizer
     use = verifier if verifier is not None else state.verifier
-    refreshed: set[int] = set()  # key sources fetched for this request: each at most once
-    for _ in range(MAX_ROUNDS):
-        try:
-            return decide(request, policies, use, authorizer, explain=explain)
-        except KeysNeeded as needed:
-            if id(needed.source) in refreshed:
-                break  # fetched once already and still not enough: a slow or broken source
-            refreshed.add(id(needed.source))
-            await state.verifier.refresh(needed.source)
-        except DelegationNeeded as needed:
+    try:  # the common case: nothing to fetch, decided at once
+        return decide(request, state.policies, use, state.authorizer, explain=explain)
+    except _NEEDS as needed:
+        first = needed
+    return await _fetch_and_decide(request, state, use, verifier is not None, explain, first)
+
+
+_NEEDS = (KeysNeeded, DelegationNeeded, MembershipNeeded)
+
+
+async def _fetch_and_decide(request: GatewayRequest, state: State, use: Verifier,
+                            stand_in: bool, explain: bool, first: Exception) -> Decision:
+    """What :func:`resolve` does once the decision asked for I/O: the one bounded loop."""
+    authorizer = state.authorizer
+
+    async def fetch_other(needed: Exception) -> None:
+        if isinstance(needed, DelegationNeeded):
             # A stand-in verifier has no real token to show the permission backend.
-            token = None if verifier is not None else extract_bearer(list(request.authorization))
+            token = None if stand_in else extract_bearer(list(request.authorization))
             await authorizer.resolve(token, needed.permission, needed.plugin_id,
                                      needed.principal)
-        except MembershipNeeded as needed:
-            assert authorizer.userinfo is not None
+        else:
+            assert isinstance(needed, MembershipNeeded) and authorizer.userinfo is not None
             await authorizer.userinfo.resolve(needed.token, needed.subject, needed.expires_at)
-    return _unavailable(request, "credentials still unresolved after refetching")
+
+    try:
+        return await fetch_until_settled(
+            partial(decide, request, state.policies, use, authorizer, explain=explain),
+            lambda source: state.verifier.refresh(source), rounds=MAX_ROUNDS, other=_NEEDS[1:],
+            fetch_other=fetch_other, first=first)
+    except Unsettled as exc:
+        return _unavailable(request, f"credentials still unresolved: {exc.reason}")
 
 
 def _unavailable(request: GatewayRequest, reason: str) -> Decision:

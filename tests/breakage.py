@@ -142,6 +142,10 @@ BREAKAGES: tuple[Breakage, ...] = (
       ('if jwk.get("use") not in (None, "sig"):', "if False:")),
     b("key sets of any size", AUTH + "jwks.py",
       ("MAX_JWKS_BYTES = 1 << 20", "MAX_JWKS_BYTES = 1 << 40")),
+    # -- the fetch-and-ask-again loop
+    b("a key source fetched again within one request", AUTH + "settle.py",
+      ("fresh = [s for s in needed.sources if not any(s is f for f in fetched)]",
+       "fresh = list(needed.sources)")),
     # -- verified-token cache
     b("cache shared across plugins", AUTH + "verifier.py",
       ("cached = self._cache_get((digest, plugin_id), now)",

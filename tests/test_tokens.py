@@ -197,12 +197,8 @@ def issuer(server: JwksServer) -> str:
 
 
 def authenticate(verifier: TokenVerifier, token: str, plugin_id: str = "insights") -> Principal:
-    """What the gateway does: verify; on KeysNeeded refresh that source once and verify again."""
-    try:
-        return verifier.verify(token, plugin_id)
-    except KeysNeeded as needed:
-        asyncio.run(verifier.refresh(needed.source))
-        return verifier.verify(token, plugin_id)
+    """What the gateway does: verify, fetching the key sets it asks for (the one loop)."""
+    return asyncio.run(verifier.authenticate(token, plugin_id))
 
 
 def b64url(data: bytes) -> str:
@@ -811,19 +807,48 @@ def test_concurrent_requests_share_one_fetch_and_all_see_its_keys(make_verifier,
     server.delay = 0.2
     token = mint_user_token(keys["user"], issuer=issuer(server), now=clock.now)
 
-    async def one_request() -> Principal:
-        try:
-            return verifier.verify(token, "insights")
-        except KeysNeeded as needed:
-            await verifier.refresh(needed.source)
-            return verifier.verify(token, "insights")
-
     async def many() -> list[Principal]:
-        return await asyncio.gather(*(one_request() for _ in range(20)))
+        return await asyncio.gather(*(verifier.authenticate(token, "insights")
+                                      for _ in range(20)))
 
     assert {p.subject for p in asyncio.run(many())} == {"user:default/jane"}
     assert server.hits[AUTH_JWKS] == 1
     assert verifier.stats["jwks_fetch_ok"] == 1
+
+
+class RunawayClock(Clock):
+    """Every reading is a minute later: the refetch cooldown is always over."""
+
+    def __call__(self) -> float:
+        self.now += 60
+        return self.now
+
+
+def test_a_key_source_is_fetched_at_most_once_per_request(server, keys):
+    """However soon the source may be asked again, one request fetches it once: a source that
+    lacks the key after its fetch is a 503, not a loop of fetches (stagedoor.auth.settle)."""
+    clock = RunawayClock()
+    server.serve(AUTH_JWKS, keys["user"])
+    verifier = TokenVerifier(AuthSettings.from_config(config_for(server)), clock=clock)
+    unknown = mint_user_token(keys["other"], issuer=issuer(server), now=clock.now)
+    with pytest.raises(KeySourceUnavailable) as info:
+        authenticate(verifier, unknown)
+    assert info.value.retry_after == 5 and info.value.source_url == f"{server.url}{AUTH_JWKS}"
+    assert server.hits[AUTH_JWKS] == 1
+    with pytest.raises(KeySourceUnavailable):  # the next request may fetch it again, once
+        authenticate(verifier, unknown)
+    assert server.hits[AUTH_JWKS] == 2
+
+
+def test_every_candidate_key_set_is_fetched_once_in_one_round(make_verifier, server, clock,
+                                                              keys):
+    """Two external key sets trust the same issuer; the token's key is in the second one."""
+    server.serve("/idp-old/jwks.json", keys["other"])
+    verifier = make_verifier(external=[jwks_entry(server, url=f"{server.url}/idp-old/jwks.json"),
+                                       jwks_entry(server)])
+    principal = authenticate(verifier, idp_token(keys, clock))
+    assert principal.source == f"jwks:{server.url}{IDP_JWKS}"
+    assert server.hits == Counter({"/idp-old/jwks.json": 1, IDP_JWKS: 1})
 
 
 def test_jwks_down_after_first_fetch_still_verifies_from_cached_keys(make_verifier, server,

@@ -37,6 +37,7 @@ from jwt.api_jwk import PyJWK
 from .. import outbound
 from .model import KeysNeeded, KeySourceUnavailable
 from .settings import ASYMMETRIC_ALGORITHMS, DEFAULT_ALGORITHMS
+from .settle import Unsettled, fetch_until_settled
 
 log = logging.getLogger("stagedoor.auth")
 
@@ -225,10 +226,10 @@ class JwksClient:
     async def get_signing_key_async(self, kid: str | None) -> SigningKey:
         """Like PyJWKClient.get_signing_key: fetch when needed (once), then answer."""
         try:
-            return self.get_signing_key(kid)
-        except KeysNeeded:
-            await self.refresh()
-        return self.get_signing_key(kid)
+            return await fetch_until_settled(lambda: self.get_signing_key(kid),
+                                             JwksClient.refresh, rounds=1)
+        except Unsettled:
+            raise self.unavailable(self._clock()) from None
 
     def unavailable(self, now: float) -> KeySourceUnavailable:
         elapsed = now - (self.attempted_at or now)

@@ -1,18 +1,13 @@
 """The token verifier: one strategy per credential kind, a verified-token cache, key sets.
 
 ``TokenVerifier.verify`` is synchronous and uses only held keys; it never does network I/O.
-When a key-set (re)fetch is needed it raises :class:`KeysNeeded`; the caller then awaits
-``TokenVerifier.refresh(exc.source)`` and calls ``verify`` once more::
+When a key-set (re)fetch is needed it raises :class:`KeysNeeded` naming the sources; the
+caller awaits ``TokenVerifier.refresh(source)`` for each and calls ``verify`` again. Nobody
+writes that loop by hand: :func:`stagedoor.auth.settle.fetch_until_settled` is the one loop
+(each source fetched at most once per request, bounded rounds), used by
+``TokenVerifier.authenticate`` and, for whole requests, by ``stagedoor.resolve``.
 
-    try:
-        principal = verifier.verify(token, plugin_id)
-    except KeysNeeded as needed:
-        await verifier.refresh(needed.source)
-        principal = verifier.verify(token, plugin_id)
-
-(``TokenVerifier.authenticate`` does exactly this, and also covers the rare case where more
-than one external key set is a candidate for the same token.) Tokens are never logged and never
-used as cache keys: their SHA-256 digest is.
+Tokens are never logged and never used as cache keys: their SHA-256 digest is.
 """
 
 from __future__ import annotations
@@ -39,6 +34,7 @@ from .model import (
     Principal,
 )
 from .settings import ASYMMETRIC_ALGORITHMS, AuthSettings
+from .settle import Unsettled, fetch_until_settled
 from .strategies import (
     ClockedJWT,
     JwksTokens,
@@ -51,6 +47,9 @@ from .strategies import (
 )
 
 log = logging.getLogger("stagedoor.auth")
+
+#: ``Retry-After`` of the 503 when keys are still needed after fetching (as the gateway's).
+RETRY_AFTER = 5
 
 STAT_NAMES = ("verified_ok", "verified_cached", "failed", "keys_needed", "source_unavailable",
               "jwks_fetch_ok", "jwks_fetch_failed")
@@ -233,13 +232,17 @@ class TokenVerifier:
             log.exception("JWKS prefetch failed")
 
     async def authenticate(self, token: str, plugin_id: str) -> Principal:
-        """``verify`` plus the KeysNeeded protocol, looping while new sources need a fetch."""
-        for _ in range(len(self._jwks.entries) + 2):
-            try:
-                return self.verify(token, plugin_id)
-            except KeysNeeded as needed:
-                await asyncio.gather(*(self.refresh(s) for s in needed.sources))
-        return self.verify(token, plugin_id)
+        """``verify``, fetching the key sets it asks for (each at most once) in between.
+
+        Raises CredentialError (401) or KeySourceUnavailable (503, also when keys are still
+        needed after each named source was fetched once).
+        """
+        try:
+            return await fetch_until_settled(lambda: self.verify(token, plugin_id),
+                                             self.refresh)
+        except Unsettled as exc:
+            url = exc.source.url if exc.source is not None else ""
+            raise KeySourceUnavailable(url, RETRY_AFTER, exc.reason) from None
 
     def close(self) -> None:
         self._closed = True
