@@ -5,13 +5,21 @@ A route's ``body:`` is compiled once at load (:func:`compile_body_schema`); per 
 413 over ``maxBytes``, 400 InputError for a body that is not JSON or violates the schema. The
 messages name the problem and the JSON Pointer of the failing location, never the body's
 content (at most the first character of a string, as ``'x...'``).
+
+The ``jsonschema`` validator is the reference: it decides every rejection and writes its
+message. A body it would accept is recognised first by a compiled ``jsonschema-rs`` validator of
+the same schema (:class:`BodyValidator`, ~1 µs instead of ~35-150 µs in the proxy), built so that
+it never accepts what the reference refuses: ``pattern``, ``multipleOf`` and ``format`` run the
+reference's own Python code, schemas with ``patternProperties`` (keys matched by another regex
+dialect) and bodies with numbers a 64-bit float cannot hold exactly go to the reference only.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +30,8 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from .errors import ApiError
+
+log = logging.getLogger("stagedoor.body")
 
 DEFAULT_CONTENT_TYPE = "application/json"
 _SIZE = re.compile(r"\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*")
@@ -157,8 +167,107 @@ def compile_body_schema(schema: dict[str, Any], policy_file: Path
         raise BodySchemaError(f"invalid body schema: {_schema_error(exc)}",
                               tuple(exc.absolute_path)) from None
     rooted = {"$id": root_uri, **schema} if "$id" not in schema else schema
-    validator = Draft202012Validator(rooted, registry=registry, format_checker=FormatChecker())
-    return _inlined(schema, base, loaded, 0), validator
+    format_checker = FormatChecker()
+    reference = Draft202012Validator(rooted, registry=registry, format_checker=format_checker)
+    fast = _fast_validator(rooted, loaded, format_checker)
+    return _inlined(schema, base, loaded, 0), BodyValidator(reference, fast)
+
+
+class BodyValidator:
+    """A route's compiled body schema: ``reference`` (``jsonschema``) decides and explains every
+    rejection; ``fast`` (``jsonschema-rs``, or None) only ever answers "valid" sooner."""
+
+    __slots__ = ("fast", "reference")
+
+    def __init__(self, reference: Draft202012Validator, fast: Any = None) -> None:
+        self.reference = reference
+        self.fast = fast
+
+    def iter_errors(self, document: Any) -> Iterator[ValidationError]:
+        return self.reference.iter_errors(document)
+
+    def first_error(self, document: Any, body: bytes) -> ValidationError | None:
+        """The error to report (``best_match``), or None when the document is valid."""
+        if self.fast is not None and not _INEXACT_NUMBER.search(body):
+            try:
+                if self.fast.is_valid(document):
+                    return None
+            except Exception:  # anything it cannot take (lone surrogates, ...)
+                pass
+        return best_match(self.reference.iter_errors(document))
+
+
+#: A number ``jsonschema-rs`` may not compare exactly as Python does (it holds floats as 64-bit
+#: floats; ``1e400`` is infinity): 16 or more digits in a row, or a 3-digit exponent. Such a
+#: body (or one with such digits in a string) is checked by the reference only.
+_INEXACT_NUMBER = re.compile(rb"[0-9]{16}|[eE][+-]?[0-9]{3}")
+
+
+def _keywords_in(node: Any, found: dict[str, set[Any]]) -> None:
+    """Every ``format`` value and whether ``patternProperties`` occurs, anywhere in ``node``
+    (object keys taken as keywords: a property of that name only makes this conservative)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("format", "patternProperties"):
+                found.setdefault(key, set()).add(value if isinstance(value, str) else None)
+            _keywords_in(value, found)
+    elif isinstance(node, list):
+        for item in node:
+            _keywords_in(item, found)
+
+
+def _fast_validator(rooted: dict[str, Any], loaded: dict[str, Any],
+                    format_checker: FormatChecker) -> Any:
+    """A ``jsonschema-rs`` validator that accepts no document the reference refuses, or None."""
+    found: dict[str, set[Any]] = {}
+    for document in (rooted, *loaded.values()):
+        _keywords_in(document, found)
+    if "patternProperties" in found:
+        return None
+    try:
+        import jsonschema_rs
+    except ImportError:  # pragma: no cover - a platform without its wheel: the reference only
+        return None
+
+    class Pattern:
+        """``pattern`` as the reference runs it: Python's ``re.search``."""
+
+        def __init__(self, parent: Any, value: Any, schema_path: Any) -> None:
+            self.regex = re.compile(value)
+
+        def validate(self, instance: Any) -> None:
+            if isinstance(instance, str) and not self.regex.search(instance):
+                raise ValueError("pattern")
+
+    class MultipleOf:
+        """``multipleOf`` as the reference runs it (its float arithmetic included)."""
+
+        def __init__(self, parent: Any, value: Any, schema_path: Any) -> None:
+            self.check = Draft202012Validator({"multipleOf": value}).is_valid
+
+        def validate(self, instance: Any) -> None:
+            if not self.check(instance):
+                raise ValueError("multipleOf")
+
+    def conforms(name: str) -> Callable[[str], bool]:
+        return lambda instance: format_checker.conforms(instance, name)
+
+    names = set(format_checker.checkers) | {n for n in found.get("format", ()) if n}
+    resources = [(uri, content) for uri, content in loaded.items()]
+
+    def no_retrieval(uri: str) -> Any:
+        raise ValueError(f"not loaded: {uri}")
+
+    try:
+        return jsonschema_rs.Draft202012Validator(
+            rooted, validate_formats=True, formats={n: conforms(n) for n in names},
+            keywords={"pattern": Pattern, "multipleOf": MultipleOf},
+            registry=jsonschema_rs.Registry(resources, retriever=no_retrieval)
+            if resources else None,
+            retriever=no_retrieval)
+    except Exception as exc:  # a schema it cannot compile: the reference only
+        log.debug("body schema: no fast validator (%s); jsonschema alone", exc)
+        return None
 
 
 def _inlined(node: Any, base: Path, loaded: dict[str, Any], depth: int) -> Any:
@@ -231,7 +340,7 @@ def check_body(rule: BodyRule, content_type: str | None, content_encoding: str |
     if rule.validator is None:
         return None
     try:
-        error = best_match(rule.validator.iter_errors(document))
+        error = rule.validator.first_error(document, body)
     except RecursionError:
         return ApiError(400, "Invalid request body: nested too deeply")
     if error is None:
