@@ -130,35 +130,67 @@ def upstream_fields(fields: Sequence[Field], *, identity: Mutator, caller: Calle
     :class:`~stagedoor.identity.IdentityError`); ``host``: the upstream's ``Host`` value;
     ``extra``: headers the route sets upstream (a client's headers of those names are dropped
     first).
+
+    One pass over the client's fields, each name lowercased once: the result is what
+    :func:`set_field` for ``X-Request-Id`` and then ``Host`` over the kept fields would give
+    (the first copy replaced in place, the others dropped, appended when absent).
     """
-    listed = connection_tokens(fields)
+    lowers = [name.lower() for name, _ in fields]
+    listed = connection_tokens(fields) if b"connection" in lowers else set()
     protect = policy.protected_name
+    plain = protect is same_name
     made = identity.fields(caller)  # first: a caller it cannot speak for stops everything
     identity_names = identity.names
-    own = {name.lower() for name, _ in extra}
+    own = {name.lower() for name, _ in extra} if extra else ()
+    request_id = encode(caller.request_id)
+    upstream_host = encode(host)
     kept: list[Field] = []
     hosts: list[bytes] = []
-    for name, value in fields:
-        lower = name.lower()
-        if lower == b"host":
-            hosts.append(value)
+    id_set = host_set = False
+    for (name, value), lower in zip(fields, lowers, strict=True):
         if lower in _FRAMING_B:
             kept.append((name, value))
             continue
-        checked = protect(lower)
+        if lower == b"host":
+            hosts.append(value)
+        checked = lower if plain else protect(lower)
         if (checked in _REQUEST_DROP_B or lower in listed or checked in identity_names
                 or checked in own or checked.startswith(_REQUEST_DROP_PREFIXES_B)):
             continue
+        if lower == b"host":
+            if host_set:
+                continue
+            host_set = True
+            kept.append((name, upstream_host))
+            continue
+        if lower == b"x-request-id":
+            if id_set:
+                continue
+            id_set = True
+            kept.append((name, request_id))
+            continue
         kept.append((name, value))
-    kept.extend(made)
-    kept.extend(extra)
+    for name, value in (*made, *extra):  # a few fields: the same rules for Host and the id
+        lower = name.lower()
+        if lower == b"host":
+            if not host_set:
+                host_set = True
+                kept.append((name, upstream_host))
+        elif lower == b"x-request-id":
+            if not id_set:
+                id_set = True
+                kept.append((name, request_id))
+        else:
+            kept.append((name, value))
     kept.append((b"X-Forwarded-For", encode(client.address)))
     kept.append((b"X-Forwarded-Proto", b"https" if client.tls else b"http"))
     if hosts:
         kept.append((b"X-Forwarded-Host", b", ".join(hosts)))
-    out = set_field(tuple(kept), b"X-Request-Id", encode(caller.request_id))
-    out = set_field(out, b"Host", encode(host))
-    return UpstreamHead(out, b"close" in listed)
+    if not id_set:
+        kept.append((b"X-Request-Id", request_id))
+    if not host_set:
+        kept.append((b"Host", upstream_host))
+    return UpstreamHead(tuple(kept), b"close" in listed)
 
 
 # -- what goes back to the client ------------------------------------------------------------------
