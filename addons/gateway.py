@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Iterable
@@ -32,7 +33,7 @@ from stagedoor.head import HeadRefusal, apply, check_head
 from stagedoor.identity import Caller, IdentityError
 from stagedoor.logsetup import current_request_id, redact_target
 from stagedoor.resolve import resolve
-from stagedoor.response_rules import content_type_of, filter_response_fields
+from stagedoor.response_rules import ResponseRule, content_type_of
 from stagedoor.runtime import Runtime, State
 
 from . import mitm_internals, ratelimit
@@ -326,9 +327,13 @@ class Gateway:
                         502, "The upstream answered with something other than JSON"))
                     return
                 # Set-Cookie, Server, X-Powered-By (unless the route allows them), the route's
-                # headers.remove; stagedoor's security headers replace the upstream's copies.
-                fields = filter_response_fields(fields, rule.dropped_names(),
-                                                record.state.forwarding.security)
+                # headers.remove, hop-by-hop headers; stagedoor's security headers replace the
+                # upstream's copies; X-Request-Id set. One pass (stagedoor/forwarding.py).
+                fields = forwarding.forwarded_fields(
+                    fields, _dropped_names(rule), policy=record.state.forwarding,
+                    request_id=record.request_id, client_close=record.client_close)
+                resp.headers.fields = ratelimit.finish_headers(record, fields)
+                return
         fields = forwarding.client_fields(
             fields, policy=record.state.forwarding, forwarded=forwarded,
             request_id=record.request_id, client_close=record.client_close)
@@ -408,6 +413,12 @@ def _content_length(headers: http.Headers) -> int | None:
     if len(values) == 1 and values[0].strip().isdigit():
         return int(values[0])
     return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _dropped_names(rule: ResponseRule) -> frozenset[bytes]:
+    """``rule.dropped_names()``, computed once per rule (a route's rule is frozen)."""
+    return rule.dropped_names()
 
 
 def _header_fields(pairs: Iterable[tuple[str, str]]) -> http.Headers:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .identity import Caller, Mutator
 
@@ -89,6 +89,17 @@ class ForwardingPolicy:
     #: Maps a lowercased client header name to the name it is checked as against the
     #: protected names (identity, overrides, X-Forwarded-*...).
     protected_name: Callable[[bytes], bytes] = same_name
+
+    #: The security headers can take the one-pass route of :func:`forwarded_fields` (none of
+    #: them is hop-by-hop or X-Request-Id, and there is no response filter).
+    one_pass: bool = field(init=False, default=False)
+    secured: frozenset[bytes] = field(init=False, default=frozenset())  # their lowercase names
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "secured", frozenset(lower for lower, _, _ in self.security))
+        object.__setattr__(self, "one_pass", self.response_filter is None and not any(
+            lower in _HOP_BY_HOP_B or lower in (b"connection", b"x-request-id")
+            for lower, _, _ in self.security))
 
     @classmethod
     def from_settings(cls, security_headers: dict[str, str]) -> ForwardingPolicy:
@@ -223,6 +234,50 @@ def client_fields(fields: Sequence[Field], *, policy: ForwardingPolicy, forwarde
     if request_id is not None:
         out = set_field(out, b"X-Request-Id", encode(request_id))
     return out
+
+
+def forwarded_fields(fields: Sequence[Field], dropped: frozenset[bytes], *,
+                     policy: ForwardingPolicy, request_id: str,
+                     client_close: bool = False) -> Fields:
+    """An upstream answer's fields as the client gets them, for a routed request: what
+    ``client_fields(filter_response_fields(fields, dropped, policy.security), policy=policy,
+    forwarded=True, ...)`` gives (stagedoor/response_rules.py), in one pass over the fields.
+
+    ``dropped``: lowercase names the route drops (``ResponseRule.dropped_names``); hop-by-hop
+    headers and the upstream's copies of the security headers go too, framing stays, the
+    security headers follow the upstream's fields, then ``Connection: close`` when the client
+    asked for it; ``X-Request-Id`` replaces the upstream's first copy in place (appended when
+    it sent none).
+    """
+    if not policy.one_pass:  # a response filter, or odd security headers: step by step
+        from .response_rules import filter_response_fields
+
+        return client_fields(filter_response_fields(tuple(fields), dropped, policy.security),
+                             policy=policy, forwarded=True, request_id=request_id,
+                             client_close=client_close)
+    lowers = [name.lower() for name, _ in fields]
+    listed = connection_tokens(fields) if b"connection" in lowers else ()
+    secured = policy.secured
+    rid = encode(request_id)
+    out: list[Field] = []
+    id_set = False
+    for (name, value), lower in zip(fields, lowers, strict=True):
+        if lower in _FRAMING_B:
+            out.append((name, value))
+        elif lower in _HOP_BY_HOP_B or lower in listed or lower in dropped:
+            continue
+        elif lower == b"x-request-id":
+            if not id_set:
+                id_set = True
+                out.append((name, rid))
+        elif lower not in secured:
+            out.append((name, value))
+    out.extend((name, value) for _, name, value in policy.security)
+    if client_close:
+        out.append((b"Connection", b"close"))
+    if not id_set:
+        out.append((b"X-Request-Id", rid))
+    return tuple(out)
 
 
 # -- small tools -----------------------------------------------------------------------------------

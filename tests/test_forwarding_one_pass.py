@@ -68,3 +68,24 @@ def test_upstream_fields_in_one_pass_match_the_rules_step_by_step(fields, extra,
               client=fw.Client("127.0.0.1"), policy=policy, extra=tuple(extra))
     assert fw.upstream_fields(tuple(fields), **kw) == reference_upstream_fields(
         tuple(fields), **kw)
+
+
+SECURITY = [{}, {"X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff"},
+            {"Server": "stagedoor"}, {"Connection": "odd"}, {"X-Request-Id": "odd"}]
+DROPPED = st.frozensets(st.sampled_from([b"set-cookie", b"server", b"x-secret", b"x-request-id",
+                                         b"content-length", b"date"]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(fields=FIELDS, dropped=DROPPED, security=st.sampled_from(SECURITY),
+       client_close=st.booleans())
+def test_forwarded_fields_in_one_pass_match_filter_then_client_fields(fields, dropped, security,
+                                                                      client_close):
+    from stagedoor.response_rules import filter_response_fields
+
+    policy = fw.ForwardingPolicy.from_settings(security)
+    want = fw.client_fields(filter_response_fields(tuple(fields), dropped, policy.security),
+                            policy=policy, forwarded=True, request_id="rid-1",
+                            client_close=client_close)
+    assert fw.forwarded_fields(tuple(fields), dropped, policy=policy, request_id="rid-1",
+                               client_close=client_close) == want
