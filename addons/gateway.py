@@ -82,12 +82,29 @@ class Gateway:
         """Decide on the head: refusals and local answers leave before any body is read."""
         if flow.response or flow.error:
             return
+        record = self._new_record(flow)
+        current_request_id.set(record.request_id)  # for lines logged deep inside (logsetup.py)
+        try:
+            await self._decide_head(flow, record)
+        except Exception:  # fail closed: a bug here must never forward anything
+            self._internal_error(flow, record)
+
+    def _new_record(self, flow: http.HTTPFlow) -> FlowRecord:
         # Settled before any decision, so refusals carry a request id too; "target" is the path
-        # as the client sent it (forwarding rewrites flow.request.path).
-        record = FlowRecord(_request_id(flow.request.headers), flow.request.path,
-                            time.perf_counter(), self.runtime.state)
+        # as the client sent it (forwarding rewrites flow.request.path). One pass over the raw
+        # fields for the two headers read here (mitmproxy's get_all rescans them per name).
+        ids: list[str] = []
+        authorization: list[str] = []
+        for name, value in flow.request.headers.fields:
+            lower = name.lower()
+            if lower == b"authorization":
+                authorization.append(value.decode("utf-8", "surrogateescape"))
+            elif lower == b"x-request-id":
+                ids.append(value.decode("utf-8", "surrogateescape"))
+        record = FlowRecord(forwarding.request_id(ids), flow.request.path, time.perf_counter(),
+                            self.runtime.state, authorization=tuple(authorization))
         flow.metadata[META] = record
-        await self._guarded(flow, record, self._decide_head)
+        return record
 
     async def request(self, flow: http.HTTPFlow) -> None:
         """The body is in: forward what the head decision allowed."""
@@ -95,9 +112,7 @@ class Gateway:
             return
         record = record_of(flow.metadata)
         if record is None:  # no requestheaders hook ran (a replayed or injected flow)
-            record = FlowRecord(_request_id(flow.request.headers), flow.request.path,
-                                time.perf_counter(), self.runtime.state)
-            flow.metadata[META] = record
+            record = self._new_record(flow)
             await self._guarded(flow, record, self._decide_head)
             if flow.response:
                 return
@@ -114,27 +129,35 @@ class Gateway:
                 self._respond_error(flow, problem, denied.url, record.state)
                 return
         if isinstance(decision, Forward):
-            await self._guarded(flow, record, lambda f, r: self._forward_async(f, r, decision))
+            current_request_id.set(record.request_id)  # for lines logged deep inside
+            try:
+                self._forward(flow, record, decision)
+            except Exception:  # fail closed: a bug here must never forward anything
+                self._internal_error(flow, record)
 
     async def _guarded(self, flow: http.HTTPFlow, record: FlowRecord, step: Any) -> None:
         current_request_id.set(record.request_id)  # for lines logged deep inside (logsetup.py)
         try:
             await step(flow, record)
         except Exception:  # fail closed: a bug here must never forward anything
-            log.exception("internal error while handling %s %s", flow.request.method,
-                          redact_target(record.target,
-                                        record.state.settings.redacted_query_keys),
-                          extra={"request_id": record.request_id})
-            self._cancel_timer(flow)
-            record.decision = None
-            record.failed("internal", reason="internal error (see the log line with this "
-                          "request_id)")
-            try:
-                self._respond_error(flow, ApiError(500, "Internal error"), flow.request.path,
-                                    record.state)
-            except Exception:  # not even an error page: a fixed one, never "carry on"
-                flow.response = http.Response.make(500, _INTERNAL_ERROR, _header_fields(
-                    [("Content-Type", JSON_CONTENT_TYPE)]))
+            self._internal_error(flow, record)
+
+    def _internal_error(self, flow: http.HTTPFlow, record: FlowRecord) -> None:
+        """Called from an ``except`` block: log it, answer a JSON 500, never forward."""
+        log.exception("internal error while handling %s %s", flow.request.method,
+                      redact_target(record.target,
+                                    record.state.settings.redacted_query_keys),
+                      extra={"request_id": record.request_id})
+        self._cancel_timer(flow)
+        record.decision = None
+        record.failed("internal", reason="internal error (see the log line with this "
+                      "request_id)")
+        try:
+            self._respond_error(flow, ApiError(500, "Internal error"), flow.request.path,
+                                record.state)
+        except Exception:  # not even an error page: a fixed one, never "carry on"
+            flow.response = http.Response.make(500, _INTERNAL_ERROR, _header_fields(
+                [("Content-Type", JSON_CONTENT_TYPE)]))
 
     async def _decide_head(self, flow: http.HTTPFlow, record: FlowRecord) -> None:
         req = flow.request
@@ -158,8 +181,8 @@ class Gateway:
                 if refused is not None:
                     record.decided(refused)
                     return
-            decision = await resolve(GatewayRequest(
-                req.method, req.path, tuple(req.headers.get_all("authorization"))), state)
+            decision = await resolve(GatewayRequest(req.method, record.target,
+                                                    record.authorization), state)
             # The policy's rateLimit rules, once the request is authenticated and routed.
             rules = ratelimit.rules_for(record, decision)
             if rules:
@@ -193,10 +216,6 @@ class Gateway:
                               extra={"request_id": record.request_id})
                 self._respond_error(flow, error, decision.url, state)
 
-    async def _forward_async(self, flow: http.HTTPFlow, record: FlowRecord,
-                             decision: Forward) -> None:
-        self._forward(flow, record, decision)
-
     def _forward(self, flow: http.HTTPFlow, record: FlowRecord, decision: Forward) -> None:
         req = flow.request
         up = decision.upstream
@@ -204,7 +223,7 @@ class Gateway:
         state = record.state  # the header policy of the state this request was decided on
         principal = decision.principal
         # The verified token (only with a principal: an open route may carry anything).
-        token = extract_bearer(req.headers.get_all("authorization")) if principal else None
+        token = extract_bearer(list(record.authorization)) if principal else None
         caller = Caller(principal, token, record.request_id, decision.context.plugin_id or "")
         try:
             head = forwarding.upstream_fields(

@@ -9,7 +9,7 @@ it takes a flow's state, and that copy must be plain data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from stagedoor.decide import Decision, Deny, Forward
@@ -24,6 +24,9 @@ class FlowRecord:
     target: str  # the request target as the client sent it (forwarding rewrites the path)
     started: float  # perf_counter() when the request was in
     state: State  # captured once: everything about this flow is done with this state
+    #: The values of the request's Authorization fields as the head came in: what was decided
+    #: on (never saved with the flow, never shown).
+    authorization: tuple[str, ...] = field(default=(), repr=False)
     decision: Decision | None = None
     #: "allow", "deny" or "error" (an error after or instead of the decision).
     outcome: str | None = None
