@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stagedoor import forwarding as fw
+from stagedoor.auth import Principal
 from stagedoor.identity import Caller, PlainHeaders
-from stagedoor.tokens import Principal
 
 NAMES = [b"Host", b"hOST", b"X-Request-Id", b"x-request-id", b"Connection", b"connection",
          b"Authorization", b"X-Forwarded-For", b"x_forwarded_for", b"X-Stagedoor-Principal",
