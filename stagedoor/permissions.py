@@ -44,7 +44,7 @@ from typing import Any
 
 from . import outbound
 from .auth import Principal
-from .config import Config, ConfigError
+from .config import Config
 from .minting import MintError, OnBehalfOf, limited_user_token, plugin_token
 from .signing import Signer
 from .userinfo import UserInfoClient
@@ -52,8 +52,6 @@ from .userinfo import UserInfoClient
 log = logging.getLogger("stagedoor.permissions")
 
 EFFECTS = ("allow", "deny", "delegate")
-RULE_KEYS = {"permission", "effect", "when", "enforce", "description"}
-CONDITION_KEYS = {"principal", "user", "memberOf", "service", "resource"}
 
 
 def _glob(pattern: str) -> re.Pattern[str]:
@@ -139,58 +137,32 @@ class DelegationNeeded(Exception):
 
 def parse_rules(node: list[Any], file: str, lines: list[int],
                 problems: list[tuple[int, str]]) -> list[PermissionRule]:
-    """Plain rule dicts (with their lines) -> rules; problems collected as (line, message)."""
+    """Rule dicts (with their lines) -> rules; problems collected as (line, message).
+
+    Structure is the schema's (``permissionRule`` in ``policy.schema.json``, the same check
+    the policy loader runs, with the same messages); a rule it refuses is reported and skipped.
+    What is left here is building the globs."""
+    from .policyschema import structure_errors  # the schema module imports little, but late
+
     rules: list[PermissionRule] = []
     for item, line in zip(node, lines, strict=False):
-        if not isinstance(item, dict):
-            problems.append((line, "a permission rule must be a mapping with 'permission' and "
-                                   "'effect'"))
-            continue
-        unknown = sorted(set(item) - RULE_KEYS)
-        if unknown:
-            problems.append((line, f"unknown key '{unknown[0]}' in permission rule (allowed: "
-                                   f"{', '.join(sorted(RULE_KEYS))})"))
-            continue
-        permission = item.get("permission")
-        effect = item.get("effect")
-        if not isinstance(permission, str) or not permission:
-            problems.append((line, "permission rule needs 'permission' (a name or glob)"))
-            continue
-        if effect not in EFFECTS:
-            problems.append((line, f"permission rule needs 'effect': one of "
-                                   f"{', '.join(EFFECTS)}, got {effect!r}"))
-            continue
-        enforce = item.get("enforce", True)
-        if not isinstance(enforce, bool):
-            problems.append((line, "'enforce' must be true or false"))
+        errors = structure_errors(item, "permissionRule")
+        if errors:
+            problems.extend((line, message) for _, _, message in errors)
             continue
         when = item.get("when") or {}
-        if not isinstance(when, dict):
-            problems.append((line, "'when' must be a mapping of conditions"))
-            continue
-        bad = sorted(set(when) - CONDITION_KEYS)
-        if bad:
-            problems.append((line, f"unknown condition '{bad[0]}' (allowed: "
-                                   f"{', '.join(sorted(CONDITION_KEYS))})"))
-            continue
-        kind = when.get("principal")
-        if kind is not None and kind not in ("user", "service"):
-            problems.append((line, f"condition 'principal' must be user or service, got {kind!r}"))
-            continue
         member_of = when.get("memberOf")
-        if member_of is not None:
-            member_of = [member_of] if isinstance(member_of, str) else member_of
-            if not isinstance(member_of, list) or not all(isinstance(m, str) for m in member_of):
-                problems.append((line, "condition 'memberOf' must be an entity ref or a list"))
-                continue
+        if isinstance(member_of, str):
+            member_of = [member_of]
         condition = Condition(
-            principal=kind,
+            principal=when.get("principal"),
             user=_glob(str(when["user"])) if "user" in when else None,
             member_of=frozenset(member_of) if member_of is not None else None,
             service=_glob(str(when["service"])) if "service" in when else None,
             resource=_glob(str(when["resource"])) if "resource" in when else None,
         )
-        rules.append(PermissionRule.build(permission, effect, condition, enforce, file, line))
+        rules.append(PermissionRule.build(item["permission"], item["effect"], condition,
+                                          item.get("enforce", True), file, line))
     return rules
 
 
@@ -281,19 +253,28 @@ class Authorizer:
             return frozenset({principal.subject, *principal.ownership})
         return frozenset({principal.subject})
 
+    @staticmethod
+    def check_config(config: Config) -> None:
+        """``stagedoor.permissions.*``: the schema checks all of it (types, ranges); nothing
+        semantic is left. Reading it here reports what a Config made from data got wrong."""
+        with config.collecting():
+            config.get_mapping("stagedoor.permissions.membership")
+            for key in ("cacheSeconds", "timeoutSeconds", "userinfo.timeoutSeconds",
+                        "userinfo.cacheSize", "userinfo.retryAfterSeconds"):
+                config.get_number(f"stagedoor.permissions.{key}", 0.0)
+            config.get_bool("stagedoor.permissions.userinfo.enabled", True)
+
     @classmethod
     def from_config(cls, config: Config, permission_base_url: str | None,
                     auth_base_url: str | None = None,
                     signer: Signer | None = None) -> Authorizer:
+        """Build from ``stagedoor.permissions.*`` (checked by :meth:`check_config`)."""
         membership: dict[str, frozenset[str]] = {}
         raw = config.get_mapping("stagedoor.permissions.membership")
         for subject, refs in raw.items():
             refs = [refs] if isinstance(refs, str) else refs
-            if not isinstance(refs, list):
-                raise ConfigError("Invalid type in config for key "
-                                  f"'stagedoor.permissions.membership.{subject}': want a list "
-                                  "of entity refs")
-            membership[str(subject)] = frozenset({str(subject), *map(str, refs)})
+            if isinstance(refs, list):  # else the schema refused it
+                membership[str(subject)] = frozenset({str(subject), *map(str, refs)})
         userinfo = None
         if auth_base_url and config.get_bool("stagedoor.permissions.userinfo.enabled", True):
             userinfo = UserInfoClient(

@@ -112,12 +112,13 @@ def test_delegation_without_an_answer_asks():
     assert not verdict(r, JANE, delegated=lambda: False).allowed
 
 
-@pytest.mark.parametrize(("rule", "fragment"), [
-    ({"permission": "x"}, "needs 'effect'"),
-    ({"effect": "allow"}, "needs 'permission'"),
-    ({"permission": "x", "effect": "allow", "when": {"colour": "red"}}, "unknown condition"),
-    ({"permission": "x", "effect": "allow", "when": {"principal": "robot"}}, "user or service"),
-    ({"permission": "x", "effect": "allow", "enforce": "no"}, "'enforce'"),
+@pytest.mark.parametrize(("rule", "fragment"), [  # the schema's words, as the loader says them
+    ({"permission": "x"}, "missing 'effect' in permission rule"),
+    ({"effect": "allow"}, "missing 'permission' in permission rule"),
+    ({"permission": "x", "effect": "allow", "when": {"colour": "red"}}, "unknown key 'colour'"),
+    ({"permission": "x", "effect": "allow", "when": {"principal": "robot"}},
+     "'principal' must be one of user, service, got 'robot'"),
+    ({"permission": "x", "effect": "allow", "enforce": "no"}, "'enforce' must be true or false"),
 ])
 def test_bad_rules_are_reported(rule, fragment):
     problems: list[tuple[int, str]] = []
