@@ -118,19 +118,17 @@ def _print_problems(config_files: list[str], problems: list[str], prefix: str) -
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Every missing config value and every policy problem in one run; exit 1 if any."""
-    from .diagnose import collect_problems
+    """Every config and policy problem in one run, each as ``file:line: message``; exit 1 if
+    any. Exactly what ``run`` and a reload validate (:func:`stagedoor.runtime.load_state`)."""
+    from .diagnose import problems_of
     from .runtime import load_state
 
     files = _config_files(args)
-    problems = collect_problems(files, args.policies)
-    if not problems:
-        try:  # exactly what `run` and a reload validate
-            policies = load_state(files, args.policies).policies
-        except PolicyLoadError as exc:  # collect_problems would have seen it; just in case
-            problems = [str(p) for p in exc.problems]
-        except ConfigError as exc:
-            problems = [str(exc)]
+    problems: list[str] = []
+    try:
+        policies = load_state(files, args.policies).policies
+    except (PolicyLoadError, ConfigError) as exc:
+        problems = problems_of(exc)
     if problems:
         _print_problems(files, problems, "")
         print(f"stagedoor check: {len(problems)} problem(s)", file=sys.stderr)
@@ -157,14 +155,10 @@ def _load_runtime(config_files: list[str], policy_dir: str):  # -> Runtime | Non
         for warning in runtime.state.policies.warnings:
             print(f"stagedoor: {warning}", file=sys.stderr)
         return runtime
-    except PolicyLoadError as exc:
-        first = [str(p) for p in exc.problems]
-    except ConfigError as exc:
-        first = [str(exc)]
-    from .diagnose import collect_problems
+    except (PolicyLoadError, ConfigError) as exc:  # every problem, as `check` lists them
+        from .diagnose import problems_of
 
-    _print_problems(config_files, collect_problems(config_files, policy_dir) or first,
-                    "stagedoor: ")
+        _print_problems(config_files, problems_of(exc), "stagedoor: ")
     return None
 
 

@@ -8,29 +8,46 @@ Semantics (see docs/behaviour.md, "Config"):
   literal text ``${VAR}``. If a variable is unset, the key is left without a value.
 - ``{$file: path}`` is replaced by the file's text (relative to the config file; one trailing
   newline removed) and ``{$env: VAR}`` by the variable, as in Backstage: how secrets are read.
-- The ``stagedoor.*`` keys are checked against ``stagedoor/schemas/config.schema.json``
-  (unknown keys, types), every problem reported at once.
+- The keys stagedoor reads (``stagedoor.*`` and the Backstage keys ``backend.baseUrl``,
+  ``backend.auth.*``, ``discovery.endpoints``, ``permission.*``, ``backend.rateLimit``) are
+  checked against ``stagedoor/schemas/config.schema.json`` for structure (types, required
+  keys, enums, ranges, unknown keys where stagedoor owns the key space); the settings readers
+  keep only semantic checks (base64, URL shapes, duplicates, cross-key rules).
+- Every problem is reported at once, as ``file:line: message``: the config remembers the line
+  of every key (:meth:`Config.where`), and the readers report into :meth:`Config.collecting`
+  instead of raising on the first problem.
 - Reading a required key that has no value raises :class:`MissingConfigError`, whose message
-  names the key and the file that declares it (or the last file given, if none does).
+  names the key and the file that declares it (or the last file given, if none does), in
+  Backstage's wording.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
+T = TypeVar("T")
 _ENV_REF = re.compile(r"\$(\$?)\{([^}]*)\}")
 _MISSING = object()
 
 
 class ConfigError(Exception):
-    """A config file cannot be read or a value has the wrong type."""
+    """A config file cannot be read or a value has the wrong type.
+
+    ``problems`` lists every problem found, one ``file:line: message`` line each (the message
+    of a single problem found outside a collecting load has no location prefix).
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems if problems is not None else [message]
 
 
 class MissingConfigError(ConfigError):
@@ -70,6 +87,15 @@ class Config:
     files: tuple[str, ...] = ()
     #: key path -> the environment variables it reads that are not set (why it has no value).
     unset_env: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: key path (``a.b[0].c``) -> (file, line) of the key where it was last declared.
+    lines: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: Structure problems the schema found (``load_config(strict=False)``), as (key, error).
+    problems: list[tuple[str, ConfigError]] = field(default_factory=list)
+    #: Whether ``problems`` holds the schema's findings (load_config does it; a Config made
+    #: from data is checked on its first :meth:`collecting`).
+    checked: bool = False
+    _sink: list[tuple[str, ConfigError]] | None = field(default=None, repr=False,
+                                                        compare=False)
 
     # -- reading -------------------------------------------------------------------------------
     def _lookup(self, key: str) -> Any:
@@ -87,6 +113,94 @@ class Config:
             if origin:
                 return origin
         return self.files[-1] if self.files else "<no config file>"
+
+    def where(self, key: str) -> str:
+        """``file:line`` of ``key`` (``a.b[0].c``), else of its nearest declared ancestor, else
+        the file that would declare it, line 1."""
+        parts = _key_parts(key)
+        for end in range(len(parts), 0, -1):
+            found = self.lines.get(_join(parts[:end]))
+            if found:
+                return f"{found[0]}:{found[1]}"
+        return f"{self._origin(key)}:1"
+
+    # -- collecting problems -------------------------------------------------------------------
+    @contextmanager
+    def collecting(self, raise_at_exit: bool = True
+                   ) -> Iterator[list[tuple[str, ConfigError]]]:
+        """Within it, :meth:`report` (and the typed getters) record problems instead of
+        raising. At the outermost exit with ``raise_at_exit``: one problem is raised as itself,
+        several as one :class:`ConfigError` listing them all (``file:line: message``). Nested
+        uses share the outer list and never raise."""
+        if self._sink is not None:
+            yield self._sink
+            return
+        if not self.checked:
+            self.problems = _schema_problems(self)
+            self.checked = True
+        self._sink = sink = list(self.problems)
+        try:
+            yield sink
+        finally:
+            self._sink = None
+        if raise_at_exit and sink:
+            if len(sink) == 1:
+                raise sink[0][1]
+            raise self.error(sink)
+
+    def error(self, problems: list[tuple[str, ConfigError]]) -> ConfigError:
+        """One error listing ``problems``, each as ``file:line: message``, in file order."""
+        lines = self.render(problems)
+        return ConfigError("\n".join(lines), lines)
+
+    def render(self, problems: list[tuple[str, ConfigError]]) -> list[str]:
+        order = {name: i for i, name in enumerate(self.files)}
+
+        def position(item: tuple[str, str]) -> tuple[int, int]:
+            file, _, line = item[0].rpartition(":")
+            return order.get(file, len(order)), int(line) if line.isdigit() else 0
+
+        located = [(self.where(key), str(exc)) for key, exc in problems]
+        located.sort(key=position)
+        return list(dict.fromkeys(f"{where}: {message}" for where, message in located))
+
+    def report(self, key: str, error: ConfigError) -> None:
+        """Record ``error`` about ``key`` (or raise it outside :meth:`collecting`). A key whose
+        ancestor, descendant or self already has a problem is not reported again: one mistake,
+        one line."""
+        if self._sink is None:
+            raise error
+        if not any(related(key, other) for other, _ in self._sink):
+            self._sink.append((key, error))
+
+    def reported(self) -> list[tuple[str, ConfigError]]:
+        """The problems reported so far in this collecting run (empty outside one)."""
+        return list(self._sink or ())
+
+    def invalid(self, key: str, problem: str) -> None:
+        """Report "Invalid config value at 'key' in 'file': problem"."""
+        self.report(key, ConfigError(f"Invalid config value at '{key}' in "
+                                     f"'{self._origin(key)}': {problem}"))
+
+    def missing(self, key: str, file: str | None = None) -> None:
+        """Report Backstage's "Missing required config value at 'key' in 'file'"."""
+        self.report(key, MissingConfigError(key, file or self._origin(key)))
+
+    def guard(self, key: str, read: Callable[[], T], fallback: T) -> T:
+        """``read()``; while collecting, a ConfigError it raises is reported (about ``key``, or
+        the missing key it names) and ``fallback`` returned: one broken entry does not hide
+        the next one's problems."""
+        try:
+            return read()
+        except MissingConfigError as exc:
+            self.report(exc.key, exc)
+        except ConfigError as exc:
+            self.report(key, exc)
+        return fallback
+
+    def _wrong_type(self, key: str, message: str) -> None:
+        self.report(key, ConfigError(f"Invalid type in config for key '{key}' in "
+                                     f"'{self._origin(key)}', {message}"))
 
     def has(self, key: str) -> bool:
         return self._lookup(key) is not _MISSING
@@ -106,15 +220,14 @@ class Config:
         if value is _MISSING:
             return default
         if isinstance(value, dict | list):
-            raise ConfigError(f"Invalid type in config for key '{key}' in '{self._origin(key)}', "
-                              f"got {type(value).__name__}, wanted string")
+            self._wrong_type(key, f"got {type(value).__name__}, wanted string")
+            return default
         return str(value)
 
     def require_string(self, key: str) -> str:
         self.require(key)
         value = self.get_string(key)
-        assert value is not None
-        return value
+        return "" if value is None else value  # "": a wrong type, reported while collecting
 
     def get_number(self, key: str, default: float) -> float:
         value = self.get(key, _MISSING)
@@ -123,8 +236,8 @@ class Config:
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"Invalid type in config for key '{key}' in '{self._origin(key)}', "
-                              f"got {value!r}, wanted a number") from None
+            self._wrong_type(key, f"got {value!r}, wanted a number")
+            return default
 
     def get_bool(self, key: str, default: bool) -> bool:
         value = self.get(key, _MISSING)
@@ -137,16 +250,16 @@ class Config:
             return True
         if text in ("false", "no", "0", "off"):
             return False
-        raise ConfigError(f"Invalid type in config for key '{key}' in '{self._origin(key)}', "
-                          f"got {value!r}, wanted a boolean")
+        self._wrong_type(key, f"got {value!r}, wanted a boolean")
+        return default
 
     def get_list(self, key: str) -> list[Any]:
         value = self.get(key, _MISSING)
         if value is _MISSING:
             return []
         if not isinstance(value, list):
-            raise ConfigError(f"Invalid type in config for key '{key}' in '{self._origin(key)}', "
-                              f"got {type(value).__name__}, wanted a list")
+            self._wrong_type(key, f"got {type(value).__name__}, wanted a list")
+            return []
         return value
 
     def get_mapping(self, key: str) -> dict[str, Any]:
@@ -154,9 +267,55 @@ class Config:
         if value is _MISSING:
             return {}
         if not isinstance(value, dict):
-            raise ConfigError(f"Invalid type in config for key '{key}' in '{self._origin(key)}', "
-                              f"got {type(value).__name__}, wanted a mapping")
+            self._wrong_type(key, f"got {type(value).__name__}, wanted a mapping")
+            return {}
         return value
+
+
+_KEY_PART = re.compile(r"[^.\[\]]+|\[\d+\]")
+
+
+def _key_parts(key: str) -> list[str]:
+    """``a.b[0].c`` -> ``['a', 'b', '[0]', 'c']``."""
+    return _KEY_PART.findall(key)
+
+
+def _join(parts: list[str]) -> str:
+    out = ""
+    for part in parts:
+        out += part if part.startswith("[") or not out else "." + part
+    return out
+
+
+def key_path(path: list[Any] | tuple[Any, ...]) -> str:
+    """A schema error's path (``['a', 'b', 0, 'c']``) as a config key (``a.b[0].c``)."""
+    return _join([f"[{p}]" if isinstance(p, int) else str(p) for p in path])
+
+
+def related(a: str, b: str) -> bool:
+    """One key is the other or an ancestor of it."""
+    short, long = (a, b) if len(a) <= len(b) else (b, a)
+    return long == short or long.startswith((short + ".", short + "["))
+
+
+def _key_lines(node: yaml.Node, file: str, prefix: str, out: dict[str, tuple[str, int]],
+               seen: set[int]) -> None:
+    """Record ``key path -> (file, line)`` for every key under ``node`` (aliases once)."""
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            out[path] = (file, key_node.start_mark.line + 1)
+            _key_lines(value_node, file, path, out, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            path = f"{prefix}[{index}]"
+            out[path] = (file, item.start_mark.line + 1)
+            _key_lines(item, file, path, out, seen)
 
 
 #: Values one config file may expand to: YAML aliases are copied here, so a few hundred bytes
@@ -249,8 +408,31 @@ def _record_origins(value: dict[str, Any], origins: dict[str, str], file: str, p
             _record_origins(child, origins, file, f"{prefix}{key}.")
 
 
-def load_config(files: list[str | Path], env: Mapping[str, str] | None = None) -> Config:
-    """Read and merge config files in order. Raises :class:`ConfigError` naming the file."""
+def _schema_problems(config: Config) -> list[tuple[str, ConfigError]]:
+    """The schema's findings (``config.schema.json``) as ``(key, error)``; a required key
+    without a value reads as Backstage says it."""
+    from .policyschema import config_errors  # late: it loads jsonschema
+
+    out: list[tuple[str, ConfigError]] = []
+    for path, missing, message in config_errors(config.data):
+        key = key_path(path)
+        if missing:
+            out.append((key, MissingConfigError(key, config._origin(key))))
+        else:
+            out.append((key, ConfigError(f"Invalid config value at '{key}' in "
+                                         f"'{config._origin(key)}': {message}")))
+    return out
+
+
+def load_config(files: list[str | Path], env: Mapping[str, str] | None = None, *,
+                strict: bool = True) -> Config:
+    """Read and merge config files in order, then check their structure with the schema.
+
+    A file that cannot be read or parsed raises :class:`ConfigError` naming the file. Structure
+    problems raise one ``ConfigError`` listing them all (``file:line: message``), unless every
+    one is a missing value (that raises when a reader requires the key). All of them are kept
+    in ``config.problems``; with ``strict=False`` nothing raises here, for a load that goes on
+    to collect the settings readers' problems too (:meth:`Config.collecting`)."""
     environ = os.environ if env is None else env
     config = Config(files=tuple(str(f) for f in files))
     for file in files:
@@ -276,11 +458,13 @@ def load_config(files: list[str | Path], env: Mapping[str, str] | None = None) -
             raise ConfigError(f"{name}: {exc}") from None
         _merge(config.data, substituted, config.origins, name)
         config.unset_env.update(unset_references(loaded, environ))
+        _key_lines(yaml.compose(text, Loader=yaml.SafeLoader), name, "", config.lines, set())
     # A key another file gave a value after all is not missing.
     config.unset_env = {k: v for k, v in config.unset_env.items() if not config.has(k)}
-    from .policyschema import config_problems  # the stagedoor.* keys' structure
-
-    problems = config_problems(config.data, config._origin)
-    if problems:
-        raise ConfigError("\n".join(problems))
+    config.problems = _schema_problems(config)
+    config.checked = True
+    # A value that is only missing (an unset ${VAR}, say) stops a strict load no sooner than
+    # something requires it: a tool that never reads the key still works.
+    if strict and any(not isinstance(exc, MissingConfigError) for _, exc in config.problems):
+        raise config.error(config.problems)
     return config

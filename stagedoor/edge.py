@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
 
-from .config import Config, ConfigError
+from .config import Config
 from .head import HeadRules, UnderscoreAction, normalise_name, parse_underscore_action
 
 #: File descriptors kept back from ``maxConnections`` for upstream connections, key fetches,
@@ -74,11 +74,18 @@ class EdgeSettings:
 
     @classmethod
     def from_config(cls, config: Config) -> EdgeSettings:
+        with config.collecting():
+            return cls._read(config)
+
+    @classmethod
+    def _read(cls, config: Config) -> EdgeSettings:
         def number(key: str, default: float, high: float) -> float:
+            """Type and range (``high``) are the schema's; NaN is refused here."""
             value = config.get_number(f"stagedoor.limits.{key}", default)
             if not (value == value and 0 <= value <= high):  # NaN-safe
-                raise ConfigError(f"Invalid config value at 'stagedoor.limits.{key}': must be "
-                                  f"between 0 and {high:g}, got {value:g}")
+                config.invalid(f"stagedoor.limits.{key}",
+                               f"must be between 0 and {high:g}, got {value:g}")
+                return default
             return value
 
         d = cls()
@@ -86,8 +93,8 @@ class EdgeSettings:
             underscores = parse_underscore_action(
                 config.get_string("stagedoor.headersWithUnderscores", "drop"))
         except ValueError as exc:
-            raise ConfigError(
-                f"Invalid config value at 'stagedoor.headersWithUnderscores': {exc}") from None
+            config.invalid("stagedoor.headersWithUnderscores", str(exc))
+            underscores = UnderscoreAction.DROP
         identity = {config.get_string("stagedoor.identityHeaders.principal",
                                       "x-stagedoor-principal") or "",
                     config.get_string("stagedoor.identityHeaders.principalType",

@@ -13,12 +13,13 @@ the error's path, so every message reads ``file:line: message``.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError, best_match
 
 from .yamlsource import LinedList, LinedMap, plain
@@ -36,24 +37,83 @@ def load_schema(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _as_number(instance: Any) -> float | None:
+    """A number, or a string that spells one (``${VAR}`` values are always strings)."""
+    if isinstance(instance, bool):
+        return None
+    if isinstance(instance, int | float):
+        return instance
+    if isinstance(instance, str):
+        try:
+            return float(instance)
+        except ValueError:
+            return None
+    return None
+
+
+def _bound(validator: Any, bound: float, instance: Any, schema: dict[str, Any]) -> Any:
+    """``minimum`` / ``maximum`` that also hold numbers written as strings; the message says
+    both bounds: ``must be between 0 and 300, got 500``."""
+    value = _as_number(instance)
+    if value is None:
+        return
+    low, high = schema.get("minimum"), schema.get("maximum")
+    if (low is not None and not value >= low) or (high is not None and not value <= high):
+        if low is not None and high is not None:
+            want = f"between {_figure(low)} and {_figure(high)}"
+        else:
+            want = f"at least {_figure(low)}" if low is not None else f"at most {_figure(high)}"
+        yield ValidationError(f"must be {want}, got {instance}")
+
+
+def _figure(value: float) -> str:
+    """``1099511627776`` rather than ``1.09951e+12``; ``0.05`` as is."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _bound_once(validator: Any, bound: float, instance: Any, schema: dict[str, Any]) -> Any:
+    if "minimum" in schema:  # "minimum" reports both bounds; "maximum" only when alone
+        return
+    yield from _bound(validator, bound, instance, schema)
+
+
+#: Draft 2020-12 with ranges that see numbers written as strings.
+_ConfigValidator = validators.extend(Draft202012Validator,
+                                     {"minimum": _bound, "maximum": _bound_once})
+
+
 @cache
 def _validator(path: Path, definition: str | None = None) -> Draft202012Validator:
     schema = load_schema(path)
-    validator = Draft202012Validator(schema)
+    validator = (_ConfigValidator if path == CONFIG_SCHEMA else Draft202012Validator)(schema)
     if definition is not None:  # a sub-schema; "#/$defs/..." still resolve against the root
         validator = validator.evolve(schema=schema["$defs"][definition])
     return validator
 
 
-def config_problems(data: dict[str, Any], origin: Any) -> list[str]:
-    """Structure problems of the ``stagedoor.*`` config keys, each naming the key and the file
-    that set it (``origin(key) -> file``)."""
-    found: list[str] = []
+_MISSING = re.compile(r"missing '([^']+)' in .*")
+
+
+def config_errors(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], bool, str]]:
+    """Structure problems of the config keys stagedoor reads, as ``(path, missing,
+    message)``: ``missing`` when the problem is a required key without a value (``path``
+    then names that key), which :mod:`stagedoor.config` words as Backstage does."""
+    found: dict[tuple[Any, ...], tuple[tuple[Any, ...], bool, str]] = {}
     for error in _validator(CONFIG_SCHEMA).iter_errors(_without_empty(data)):
+        if error.validator == "required" and isinstance(error.instance, dict):
+            for name in error.validator_value:
+                if name not in error.instance:
+                    path = (*error.absolute_path, name)
+                    found.setdefault(path, (path, True, ""))
+            continue
         for path, message in _messages(error):
-            key = ".".join(str(p) for p in path)
-            found.append(f"Invalid config value at '{key}' in '{origin(key)}': {message}")
-    return sorted(set(found))
+            missing = _MISSING.fullmatch(message)
+            if missing:  # a required key inside an alternative
+                whole = (*path, missing.group(1))
+                found.setdefault(whole, (whole, True, ""))
+            else:
+                found.setdefault((*path, "\0", message), (tuple(path), False, message))
+    return [found[k] for k in sorted(found, key=lambda k: [str(p) for p in k])]
 
 
 def structure_errors(doc: Any, definition: str | None = None
@@ -201,6 +261,8 @@ def _messages(error: ValidationError) -> list[tuple[list[Any], str]]:
         return [(path, f"{name} must be {_expected(schema)}, got {kind_of(error.instance)}")]
     if kind == "enum":
         return [(path, f"{name} must be {_expected(schema)}, got {error.instance!r}")]
+    if kind in ("minimum", "maximum"):
+        return [(path, f"{name} {error.message}")]
     if kind == "pattern":
         return [(path, f"{name}: {error.instance!r} does not match {error.validator_value}")]
     if kind in ("anyOf", "oneOf"):

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from .config import Config, ConfigError
+from .config import Config
 from .errors import JSON_CONTENT_TYPE, ApiError, render_error
 from .ratelimit_algorithms import (
     GcraResult,
@@ -84,10 +84,6 @@ _ISO_DURATION = re.compile(
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
-def _invalid(config: Config, key: str, problem: str) -> ConfigError:
-    return ConfigError(f"Invalid config value at '{key}' in '{config._origin(key)}': {problem}")
-
-
 def _backstage_bool(config: Config, key: str, value: Any) -> bool | None:
     """``getOptionalBoolean``: booleans, and y/yes/true/1/on or n/no/false/0/off."""
     if value is None or isinstance(value, bool):
@@ -98,7 +94,8 @@ def _backstage_bool(config: Config, key: str, value: Any) -> bool | None:
             return True
         if text in ("n", "no", "false", "0", "off"):
             return False
-    raise _invalid(config, key, "must be true or false")
+    config.invalid(key, "must be true or false")  # the schema said so too
+    return None
 
 
 def _backstage_number(config: Config, key: str, value: Any) -> float | None:
@@ -113,7 +110,8 @@ def _backstage_number(config: Config, key: str, value: Any) -> float | None:
         else:
             if math.isfinite(number):
                 return number
-    raise _invalid(config, key, "must be a number")
+    config.invalid(key, "must be a number")  # the schema said so too
+    return None
 
 
 # -- durations ------------------------------------------------------------------------------------
@@ -195,7 +193,7 @@ def parse_trusted_proxies(config: Config) -> tuple[Network, ...]:
         try:
             networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
         except ValueError:
-            raise _invalid(config, key, f"{item!r} is not an IP address or CIDR") from None
+            config.invalid(key, f"{item!r} is not an IP address or CIDR")
     return tuple(networks)
 
 
@@ -269,23 +267,19 @@ class BackstageLimit:
             try:
                 window_ms = backstage_duration_ms(options["window"])
             except ValueError as exc:
-                raise _invalid(config, f"{key}.window", str(exc)) from None
+                config.invalid(f"{key}.window", str(exc))
             if not 1 <= window_ms <= 2**31 - 1:
-                raise _invalid(config, f"{key}.window", "must be between 1ms and ~24.8 days")
+                config.invalid(f"{key}.window", "must be between 1ms and ~24.8 days")
+                window_ms = DEFAULT_WINDOW_MS
         limit = _backstage_number(config, f"{key}.incomingRequestLimit",
                                   options.get("incomingRequestLimit"))
-        if limit is None:
+        if limit is None or limit < 0:  # < 0: the schema said so
             limit = DEFAULT_LIMIT
-        if limit < 0:
-            raise _invalid(config, f"{key}.incomingRequestLimit",
-                           "must be a number of requests (0 or more)")
         allow = options.get("ipAllowList")
-        if allow is None:
-            allow_list = DEFAULT_IP_ALLOW_LIST
-        elif isinstance(allow, list) and all(isinstance(a, str) for a in allow):
+        if isinstance(allow, list) and all(isinstance(a, str) for a in allow):
             allow_list = tuple(allow)
-        else:
-            raise _invalid(config, f"{key}.ipAllowList", "must be a list of IP addresses")
+        else:  # absent, or the schema said what is wrong
+            allow_list = DEFAULT_IP_ALLOW_LIST
         flags: dict[str, bool] = {}
         for name in ("skipSuccessfulRequests", "skipFailedRequests", "passOnStoreError"):
             flags[name] = bool(_backstage_bool(config, f"{key}.{name}", options.get(name)))
@@ -311,15 +305,15 @@ class StoreSpec:
 
 
 def _store_spec(config: Config, key: str, raw: Any, base: StoreSpec) -> StoreSpec:
-    if not isinstance(raw, dict):
-        raise _invalid(config, key, "use {type: memory} or {type: redis, connection: redis://...}")
-    kind = raw.get("type", "memory")
-    if kind not in ("memory", "redis"):
-        raise _invalid(config, f"{key}.type", f"use memory or redis, got {kind!r}")
-    url = raw.get("connection", "")
-    if kind == "redis" and (not isinstance(url, str)
-                            or not url.startswith(("redis://", "rediss://", "unix://"))):
-        raise _invalid(config, f"{key}.connection", "use a URL like redis://host:6379")
+    """The schema checked the store's structure (type, connection URL scheme); one it refused
+    is reported already and memory is used meanwhile."""
+    kind = raw.get("type", "memory") if isinstance(raw, dict) else None
+    url = raw.get("connection", "") if isinstance(raw, dict) else None
+    if kind not in ("memory", "redis") or (kind == "redis" and (
+            not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")))):
+        config.invalid(key, "use {type: memory} or {type: redis, connection: redis://...}")
+        return base
+    assert isinstance(url, str)
     return StoreSpec(kind, url if kind == "redis" else "", key, base.timeout, base.prefix,
                      base.max_keys)
 
@@ -348,24 +342,29 @@ class RateLimitSettings:
 
     @classmethod
     def from_config(cls, config: Config) -> RateLimitSettings:
+        with config.collecting():
+            return cls._read(config)
+
+    @classmethod
+    def _read(cls, config: Config) -> RateLimitSettings:
+        """Structure is the schema's; durations, addresses and store URLs are checked here,
+        every problem reported (a broken part falls back to its default meanwhile)."""
         raw = config.get("backend.rateLimit")
         global_limit: BackstageLimit | None = None
         plugin_limits: dict[str, BackstageLimit] = {}
         base = StoreSpec()
-        extra = config.get("stagedoor.rateLimit")
-        if extra is not None and not isinstance(extra, dict):
-            raise _invalid(config, "stagedoor.rateLimit", "must be a mapping")
-        extra = extra or {}
+        extra = config.get_mapping("stagedoor.rateLimit")
         timeout = extra.get("timeout")
         if timeout is not None:
             try:
                 base = StoreSpec(timeout=policy_duration(timeout))
             except ValueError as exc:
-                raise _invalid(config, "stagedoor.rateLimit.timeout", str(exc)) from None
+                config.invalid("stagedoor.rateLimit.timeout", str(exc))
         if extra.get("maxKeys") is not None:
-            max_keys = extra["maxKeys"]
-            if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 100:
-                raise _invalid(config, "stagedoor.rateLimit.maxKeys", "must be a number >= 100")
+            max_keys = int(config.get_number("stagedoor.rateLimit.maxKeys", DEFAULT_MAX_KEYS))
+            if max_keys < 100:
+                config.invalid("stagedoor.rateLimit.maxKeys", "must be a number >= 100")
+                max_keys = DEFAULT_MAX_KEYS
             base = StoreSpec(timeout=base.timeout, max_keys=max_keys)
         if extra.get("prefix") is not None:
             base = StoreSpec(timeout=base.timeout, max_keys=base.max_keys,
@@ -381,21 +380,19 @@ class RateLimitSettings:
                 global_limit = BackstageLimit.from_options(config, "backend.rateLimit", "global",
                                                            options)
             plugins = raw.get("plugin") or {}
-            if not isinstance(plugins, dict):
-                raise _invalid(config, "backend.rateLimit.plugin",
-                               "must map plugin ids to rate limit options")
-            for plugin_id, options in plugins.items():
+            for plugin_id, options in (plugins.items() if isinstance(plugins, dict) else ()):
                 key = f"backend.rateLimit.plugin.{plugin_id}"
                 if not isinstance(options, dict):
                     # Backstage's getConfig() refuses anything but an object here, at start.
-                    raise _invalid(config, key, "must be an object of rate limit options "
-                                                "(window, incomingRequestLimit, ...)")
+                    config.invalid(key, "must be an object of rate limit options "
+                                        "(window, incomingRequestLimit, ...)")
+                    continue
                 plugin_limits[str(plugin_id)] = BackstageLimit.from_options(
                     config, key, str(plugin_id), options)
             if raw.get("store") is not None:
                 store = _store_spec(config, "backend.rateLimit.store", raw["store"], base)
         else:
-            raise _invalid(config, "backend.rateLimit", "use true or an object of options")
+            config.invalid("backend.rateLimit", "use true or an object of options")
         if extra.get("store") is not None:
             store = _store_spec(config, "stagedoor.rateLimit.store", extra["store"], base)
         pass_on: bool | None = None

@@ -16,16 +16,16 @@ from typing import Any
 
 from . import identity
 from .auth import AuthSettings, TokenVerifier
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, related
 from .edge import EdgeSettings
 from .errors import SECURITY_HEADERS
 from .forwarding import ForwardingPolicy
 from .logsetup import LOG_FORMATS, parse_level
 from .openapi import ServedDocuments
 from .permissions import Authorizer
-from .policy import PolicySet, load_policies, parse_duration, policy_files
+from .policy import PolicyLoadError, PolicySet, load_policies, parse_duration, policy_files
 from .ratelimit import RateLimiter, RateLimitSettings
-from .signing import Signer, SigningSettings
+from .signing import KEY_STORE_KEY, Signer, SigningSettings
 
 log = logging.getLogger("stagedoor")
 
@@ -53,22 +53,31 @@ class Limits:
 
     @classmethod
     def from_config(cls, config: Config) -> Limits:
-        def number(key: str, default: float, high: float) -> float:
-            value = config.get_number(f"stagedoor.limits.{key}", default)
-            if not (value == value and 0 <= value <= high):  # NaN-safe
-                raise _invalid(config, f"stagedoor.limits.{key}",
-                               f"must be between 0 and {high:g}, got {value:g}")
-            return value
+        def number(key: str, default: float) -> float:  # range: the schema's
+            return limit_number(config, f"stagedoor.limits.{key}", default)
 
         d = cls()  # the defaults (slots: no class attributes to read them from)
-        return cls(
-            max_header_bytes=int(number("maxHeaderBytes", d.max_header_bytes, 1 << 24)),
-            max_header_count=int(number("maxHeaderCount", d.max_header_count, 100_000)),
-            max_body_bytes=int(number("maxBodyBytes", d.max_body_bytes, 1 << 40)),
-            header_timeout=number("headerTimeoutSeconds", d.header_timeout, 3600),
-            stream_response_bytes=int(number("streamResponseBytes", d.stream_response_bytes,
-                                             1 << 40)),
-        )
+        with config.collecting():
+            return cls(
+                max_header_bytes=int(number("maxHeaderBytes", d.max_header_bytes)),
+                max_header_count=int(number("maxHeaderCount", d.max_header_count)),
+                max_body_bytes=int(number("maxBodyBytes", d.max_body_bytes)),
+                header_timeout=number("headerTimeoutSeconds", d.header_timeout),
+                stream_response_bytes=int(number("streamResponseBytes",
+                                                 d.stream_response_bytes)),
+            )
+
+
+def limit_number(config: Config, key: str, default: float) -> float:
+    """A ``stagedoor.limits`` number: type and range are the schema's; a value it refused (or
+    NaN) is reported and the default used."""
+    value = config.get_number(key, default)
+    if any(related(key, other) for other, _ in config.reported()):
+        return default
+    if value != value:  # NaN
+        config.invalid(key, "must be a number, got NaN")
+        return default
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +94,16 @@ class GatewaySettings:
 
     @classmethod
     def from_config(cls, config: Config) -> GatewaySettings:
+        with config.collecting():
+            return cls._read(config)
+
+    @classmethod
+    def _read(cls, config: Config) -> GatewaySettings:
         headers: dict[str, str] = {}
         sec = config.get("stagedoor.securityHeaders", True)
         if sec is True or sec is None:
             headers = dict(SECURITY_HEADERS)
-        elif sec is False:
+        elif sec is False or config.get_bool("stagedoor.securityHeaders", True) is False:
             headers = {}
         elif isinstance(sec, dict):
             headers = dict(SECURITY_HEADERS)
@@ -98,9 +112,8 @@ class GatewaySettings:
                     headers.pop(name, None)
                 else:
                     headers[str(name)] = str(value)
-        else:
-            raise ConfigError("Invalid type in config for key 'stagedoor.securityHeaders': use "
-                              "true, false or a mapping of header names to values")
+        else:  # "true" (an ${ENV} value); anything else the schema refused
+            headers = dict(SECURITY_HEADERS)
         principal = config.get_string("stagedoor.identityHeaders.principal",
                                       "x-stagedoor-principal")
         principal_type = config.get_string("stagedoor.identityHeaders.principalType",
@@ -142,27 +155,36 @@ class OperationsSettings:
 
     @classmethod
     def from_config(cls, config: Config) -> OperationsSettings:
+        """Level and format are checked by the schema; the address and the duration here."""
+        with config.collecting():
+            return cls._read(config)
+
+    @classmethod
+    def _read(cls, config: Config) -> OperationsSettings:
         level = config.get_string("stagedoor.log.level", "info") or "info"
         try:
             parse_level(level)
         except ValueError as exc:
-            raise _invalid(config, "stagedoor.log.level", str(exc)) from None
+            config.invalid("stagedoor.log.level", str(exc))
+            level = "info"
         fmt = (config.get_string("stagedoor.log.format", "json") or "json").strip().lower()
         if fmt not in LOG_FORMATS:
-            raise _invalid(config, "stagedoor.log.format",
+            config.invalid("stagedoor.log.format",
                            f"use one of {', '.join(LOG_FORMATS)}, got {fmt!r}")
+            fmt = "json"
         admin: tuple[str, int] | None = None
         raw_admin = config.get("stagedoor.admin.listen", DEFAULT_ADMIN_LISTEN)
         if raw_admin is not False and str(raw_admin).strip().lower() not in ("off", "false", ""):
             try:
                 admin = parse_listen(str(raw_admin))
             except ValueError as exc:
-                raise _invalid(config, "stagedoor.admin.listen", str(exc)) from None
+                config.invalid("stagedoor.admin.listen", str(exc))
         grace_raw = config.get("stagedoor.shutdown.gracePeriod", DEFAULT_GRACE_PERIOD)
         try:
             grace = 0.0 if grace_raw in (0, "0", "0s") else parse_duration(grace_raw)
         except ValueError as exc:
-            raise _invalid(config, "stagedoor.shutdown.gracePeriod", str(exc)) from None
+            config.invalid("stagedoor.shutdown.gracePeriod", str(exc))
+            grace = DEFAULT_GRACE_PERIOD
         return cls(
             log_level=level.strip().lower(),
             log_format=fmt,
@@ -170,10 +192,6 @@ class OperationsSettings:
             watch=config.get_bool("stagedoor.reload.watch", True),
             grace_period=grace,
         )
-
-
-def _invalid(config: Config, key: str, problem: str) -> ConfigError:
-    return ConfigError(f"Invalid config value at '{key}' in '{config._origin(key)}': {problem}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,16 +245,35 @@ def load_state(config_files: Sequence[str], policy_dir: str,
     """Read, validate and derive a :class:`State`; no network, no event loop: safe in a thread.
 
     With ``previous``, its verifier and authorizer (and their caches) are kept when the
-    settings they are built from are equal. Raises ConfigError / MissingConfigError /
-    PolicyLoadError.
+    settings they are built from are equal. Config problems are collected, not raised one by
+    one: any raise one :class:`ConfigError` whose ``problems`` list every config problem and
+    every policy problem, each as ``file:line: message``; policy problems alone raise
+    :class:`PolicyLoadError`.
     """
     fingerprint = input_fingerprint(config_files, policy_dir)
-    config = load_config(list(config_files))
-    settings = GatewaySettings.from_config(config)
-    operations = OperationsSettings.from_config(config)
-    policies = load_policies(Path(policy_dir), config)
-    auth = AuthSettings.from_config(config)
-    signing = SigningSettings.from_config(config)
+    config = load_config(list(config_files), strict=False)
+    # Every settings reader reports into one list (the schema's findings first), and the
+    # policies are loaded even when the config has problems: one run says everything.
+    with config.collecting(raise_at_exit=False) as problems:
+        settings = GatewaySettings.from_config(config)
+        operations = OperationsSettings.from_config(config)
+        auth = AuthSettings.from_config(config)
+        signing = config.guard(KEY_STORE_KEY, lambda: SigningSettings.from_config(config),
+                               SigningSettings())
+        ratelimit = config.guard("backend.rateLimit",
+                                 lambda: RateLimitSettings.from_config(config),
+                                 RateLimitSettings())
+        Authorizer.check_config(config)
+    try:
+        policies = load_policies(Path(policy_dir), config)
+    except PolicyLoadError as exc:
+        if not problems:
+            raise
+        error = config.error(problems)
+        raise ConfigError(str(error) + "".join(f"\n{p}" for p in exc.problems),
+                          [*error.problems, *(str(p) for p in exc.problems)]) from None
+    if problems:
+        raise config.error(problems)
     if previous is not None and previous.signer.settings == signing:
         signer = previous.signer  # same keys: tokens already out stay valid
     else:
@@ -257,7 +294,6 @@ def load_state(config_files: Sequence[str], policy_dir: str,
     else:
         verifier = TokenVerifier(auth)
     forwarding = ForwardingPolicy.from_settings(settings.security_headers)
-    ratelimit = RateLimitSettings.from_config(config)
     if previous is not None and previous.limiter.spec == ratelimit.store:
         limiter = previous.limiter
     else:

@@ -118,67 +118,68 @@ class SigningSettings:
 
     @classmethod
     def from_config(cls, config: Config) -> SigningSettings:
+        """Structure (store type, key entries, algorithms) is the schema's; the duration, the
+        key files and the rules across entries are checked here, every problem reported."""
+        with config.collecting():
+            return cls._read(config)
+
+    @classmethod
+    def _read(cls, config: Config) -> SigningSettings:
         raw_duration = config.get(KEY_DURATION_KEY)
         duration = DEFAULT_KEY_DURATION
         if raw_duration is not None:
             try:
                 duration = parse_seconds(raw_duration)
+                if not 1 <= duration <= 7 * 86400:
+                    raise ValueError("must be between 1s and 7d")
             except ValueError as exc:
-                raise ConfigError(f"Invalid config value at '{KEY_DURATION_KEY}': {exc}") from None
-            if not 1 <= duration <= 7 * 86400:
-                raise ConfigError(f"Invalid config value at '{KEY_DURATION_KEY}': must be "
-                                  "between 1s and 7d")
-        store = config.get(KEY_STORE_KEY)
-        if store is None:
+                config.invalid(KEY_DURATION_KEY, str(exc))
+                duration = DEFAULT_KEY_DURATION
+        store = config.get_mapping(KEY_STORE_KEY)
+        if store.get("type", "database") != "static":  # database: generated, rotated keys
             return cls(duration)
-        if not isinstance(store, Mapping):
-            raise ConfigError(f"Invalid type in config for key '{KEY_STORE_KEY}': want a "
-                              "mapping with 'type'")
-        kind = store.get("type", "database")
-        if kind == "database":  # no database here: generated, rotated keys
-            return cls(duration)
-        if kind != "static":
-            raise ConfigError(f"Unsupported config value {KEY_STORE_KEY}.type '{kind}'; "
-                              "expected one of 'database', 'static'")
         static = store.get("static")
         keys = static.get("keys") if isinstance(static, Mapping) else None
-        if not isinstance(keys, list) or not keys:
-            raise ConfigError("At least one key pair must be provided in static.keys, when the "
-                              f"static key store type is used ('{KEY_STORE_KEY}.static.keys')")
-        files = tuple(_static_key(i, item) for i, item in enumerate(keys))
+        if not isinstance(keys, list) or not keys or not all(
+                isinstance(item, Mapping) and isinstance(item.get("keyId"), str)
+                and isinstance(item.get("publicKeyFile"), str) for item in keys):
+            # The schema said what is wrong; Backstage's words when nothing reached it.
+            config.report(f"{KEY_STORE_KEY}.static.keys", ConfigError(
+                "At least one key pair must be provided in static.keys, when the static key "
+                f"store type is used ('{KEY_STORE_KEY}.static.keys')"))
+            return cls(duration)
+        files = [_static_key(config, i, item) for i, item in enumerate(keys)]
         if files[0].private_key_file is None:
-            raise ConfigError("Private key for signing must be provided in the first key pair "
-                              f"in static.keys ('{KEY_STORE_KEY}.static.keys[0]."
-                              "privateKeyFile')")
+            config.report(f"{KEY_STORE_KEY}.static.keys[0]", ConfigError(
+                "Private key for signing must be provided in the first key pair in static.keys "
+                f"('{KEY_STORE_KEY}.static.keys[0].privateKeyFile')"))
         if len({f.key_id for f in files}) != len(files):
-            raise ConfigError(f"Duplicate keyId in '{KEY_STORE_KEY}.static.keys'")
-        return cls(duration, files)
+            config.report(f"{KEY_STORE_KEY}.static.keys", ConfigError(
+                f"Duplicate keyId in '{KEY_STORE_KEY}.static.keys'"))
+        return cls(duration, tuple(files))
 
 
-def _static_key(index: int, item: Any) -> StaticKeyFile:
+def _static_key(config: Config, index: int, item: Mapping[str, Any]) -> StaticKeyFile:
+    """One key pair entry (its structure checked by the schema); an unreadable file is
+    reported."""
     where = f"{KEY_STORE_KEY}.static.keys[{index}]"
-    if not isinstance(item, Mapping):
-        raise ConfigError(f"Invalid type in config for key '{where}': want a mapping")
-    key_id, public, private = item.get("keyId"), item.get("publicKeyFile"), \
-        item.get("privateKeyFile")
+    key_id, public, private = item["keyId"], item["publicKeyFile"], item.get("privateKeyFile")
     alg = item.get("algorithm", "ES256")
-    for name, value in (("keyId", key_id), ("publicKeyFile", public)):
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"Missing required config value at '{where}.{name}'")
-    if private is not None and not isinstance(private, str):
-        raise ConfigError(f"Invalid type in config for key '{where}.privateKeyFile'")
     if alg not in _CURVES:
-        raise ConfigError(f"Invalid config value at '{where}.algorithm': stagedoor signs with "
-                          f"{', '.join(_CURVES)}, got {alg!r}")
+        config.invalid(f"{where}.algorithm", f"stagedoor signs with {', '.join(_CURVES)}, "
+                                             f"got {alg!r}")
+        alg = "ES256"
     digest = hashlib.sha256()
-    for path in (public, private):
+    for name, path in (("publicKeyFile", public), ("privateKeyFile", private)):
         if path is None:
             continue
         try:
             digest.update(Path(path).read_bytes())
         except OSError as exc:
-            raise ConfigError(f"Cannot read '{where}' key file {path}: {exc.strerror}") from None
-    return StaticKeyFile(str(key_id), str(public), private, str(alg), digest.hexdigest())
+            config.report(f"{where}.{name}", ConfigError(
+                f"Cannot read '{where}' key file {path}: {exc.strerror}"))
+    return StaticKeyFile(str(key_id), str(public), None if private is None else str(private),
+                         str(alg), digest.hexdigest())
 
 
 def _load_static(spec: StaticKeyFile) -> SigningKey:

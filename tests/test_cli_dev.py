@@ -93,7 +93,8 @@ def test_check_passes_when_everything_loads():
 def test_run_that_cannot_start_lists_every_problem_like_check():
     result = stagedoor("run", "--listen", "127.0.0.1:0")
     assert result.returncode == 1
-    assert "stagedoor: Missing required config value at 'backend.baseUrl'" in result.stderr
+    assert ("stagedoor: config/app-config.yaml:6: Missing required config value at "
+            "'backend.baseUrl'") in result.stderr
     assert "stagedoor: policies/insights.yaml:" in result.stderr
     assert "BACKSTAGE_BASE_URL (backend.baseUrl), INSIGHTS_API_URL" in result.stderr
 

@@ -386,11 +386,11 @@ def test_stagedoor_config_keys_are_checked_against_the_schema(tmp_path):
                            "  accessLog: {enabled: maybe}\n  limits: {maxBodyBytes: '10'}\n")
     with pytest.raises(ConfigError) as err:
         load_config([config_file], env={})
-    assert str(err.value).splitlines() == [
-        f"Invalid config value at 'stagedoor.accessLog.enabled' in '{config_file}': 'enabled' "
-        "must be true or false, got 'maybe'",
-        f"Invalid config value at 'stagedoor.limts' in '{config_file}': unknown key 'limts' in "
-        "stagedoor (allowed: " + ", ".join(sorted(STAGEDOOR_KEYS)) + ")",
+    assert str(err.value).splitlines() == err.value.problems == [  # in file order, with lines
+        f"{config_file}:3: Invalid config value at 'stagedoor.limts' in '{config_file}': "
+        "unknown key 'limts' in stagedoor (allowed: " + ", ".join(sorted(STAGEDOOR_KEYS)) + ")",
+        f"{config_file}:4: Invalid config value at 'stagedoor.accessLog.enabled' in "
+        f"'{config_file}': 'enabled' must be true or false, got 'maybe'",
     ]
 
 

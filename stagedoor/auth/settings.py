@@ -3,8 +3,11 @@
 Keys read (docs/credentials.md lists them with their defaults): ``backend.baseUrl`` and
 ``discovery.endpoints`` (where key sets are fetched), ``backend.auth.externalAccess`` (static,
 legacy and jwks entries, with ``accessRestrictions``), the deprecated ``backend.auth.keys``, and
-``stagedoor.auth.*`` (token kinds on/off, leeway, cache sizes, key-set timeouts). Every problem
-raises :class:`~stagedoor.config.ConfigError` naming the key and the file that set it.
+``stagedoor.auth.*`` (token kinds on/off, leeway, cache sizes, key-set timeouts). Their
+structure is checked by ``stagedoor/schemas/config.schema.json``; this module keeps the
+semantic checks (URL shapes, base64 secrets, algorithms, duplicates, cross-key rules) and
+collects every problem (see :meth:`stagedoor.config.Config.collecting`), each naming the key and
+the file that set it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import Config, ConfigError, MissingConfigError
+from ..config import Config, ConfigError
+from ..config import related as _related
 
 log = logging.getLogger("stagedoor.auth")
 
@@ -145,58 +149,65 @@ class AuthSettings:
     # -- reading config ---------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: Config) -> AuthSettings:
-        """Read the settings; raises ConfigError / MissingConfigError naming the key."""
+        """Read the settings. Structure (types, required keys, ranges) is the schema's
+        (``config.schema.json``); this keeps the semantic checks. Every problem is collected
+        (:meth:`Config.collecting`): alone it raises as itself (ConfigError /
+        MissingConfigError naming the key), several raise as one listing them all."""
+        with config.collecting():
+            return cls._read(config)
+
+    @classmethod
+    def _read(cls, config: Config) -> AuthSettings:
         user_tokens = config.get_bool("stagedoor.auth.userTokens", True)
         plugin_tokens = config.get_bool("stagedoor.auth.pluginTokens", True)
         base_url = None
         if user_tokens or plugin_tokens or config.has("backend.baseUrl"):
-            base_url = _read_url(config, "backend.baseUrl",
-                                 config.require_string("backend.baseUrl"))
-        refetch = _number(config, "stagedoor.auth.jwksRefetchIntervalSeconds", 5.0, 1.0, 3600.0)
+            # Required while tokens are checked against the backend's keys (a cross-key rule).
+            base_url = config.guard("backend.baseUrl", lambda: _read_url(
+                config, "backend.baseUrl", config.require_string("backend.baseUrl")), None)
+        refetch = _number(config, "stagedoor.auth.jwksRefetchIntervalSeconds", 5.0)
+        max_age = _number(config, "stagedoor.auth.jwksMaxAgeSeconds", 600.0)
+        if max_age < refetch:
+            config.invalid("stagedoor.auth.jwksMaxAgeSeconds", "must be at least "
+                           f"stagedoor.auth.jwksRefetchIntervalSeconds ({refetch:g}), "
+                           f"got {max_age:g}")
         read: dict[str, Any] = dict(
             base_url=base_url,
             endpoints=_read_endpoints(config),
             user_tokens=user_tokens,
             plugin_tokens=plugin_tokens,
-            leeway=_number(config, "stagedoor.auth.leewaySeconds", 5.0, 0.0, 300.0),
-            max_token_bytes=int(_number(config, "stagedoor.auth.maxTokenBytes", 8192, 256,
-                                        1 << 20)),
+            leeway=_number(config, "stagedoor.auth.leewaySeconds", 5.0),
+            max_token_bytes=int(_number(config, "stagedoor.auth.maxTokenBytes", 8192)),
             refetch_interval=refetch,
-            jwks_timeout=_number(config, "stagedoor.auth.jwksTimeoutSeconds", 3.0, 0.05, 60.0),
-            jwks_max_age=_number(config, "stagedoor.auth.jwksMaxAgeSeconds", 600.0, refetch,
-                                 86400.0),
-            token_cache_size=int(_number(config, "stagedoor.auth.tokenCacheSize", 10_000, 0,
-                                         1_000_000)),
-            token_cache_ttl=_number(config, "stagedoor.auth.tokenCacheSeconds", 300.0, 0.0,
-                                    3600.0),
-            max_plugin_sources=int(_number(config, "stagedoor.auth.maxPluginKeySources", 256, 1,
-                                           100_000)),
+            jwks_timeout=_number(config, "stagedoor.auth.jwksTimeoutSeconds", 3.0),
+            jwks_max_age=max(max_age, refetch),
+            token_cache_size=int(_number(config, "stagedoor.auth.tokenCacheSize", 10_000)),
+            token_cache_ttl=_number(config, "stagedoor.auth.tokenCacheSeconds", 300.0),
+            max_plugin_sources=int(_number(config, "stagedoor.auth.maxPluginKeySources", 256)),
         )
         static, legacy, jwks = _read_external_access(config)  # after the keys above
         return cls(**read, static=static, legacy=legacy, jwks=jwks)
 
 
 def _origin(config: Config, key: str) -> str:
-    parts = key.split(".")
-    for end in range(len(parts), 0, -1):
-        origin = config.origins.get(".".join(parts[:end]))
-        if origin:
-            return origin
-    return config.files[-1] if config.files else "<no config file>"
+    return config._origin(key)
 
 
 def _invalid(config: Config, key: str, problem: str) -> ConfigError:
     return ConfigError(f"Invalid config value at '{key}' in '{_origin(config, key)}': {problem}")
 
 
-def _number(config: Config, key: str, default: float, low: float, high: float) -> float:
+def _number(config: Config, key: str, default: float) -> float:
+    """A number the schema has checked (type and range); NaN/inf are refused here."""
     value = config.get_number(key, default)
-    if not (math.isfinite(value) and low <= value <= high):
-        raise _invalid(config, key, f"must be between {low:g} and {high:g}, got {value:g}")
+    if not math.isfinite(value):
+        config.invalid(key, f"must be a finite number, got {value:g}")
+        return default
     return value
 
 
 def _read_url(config: Config, key: str, value: Any) -> str:
+    """An http(s) URL without whitespace (a shape the schema leaves to code); raises."""
     if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/?#]+(/\S*)?", value):
         raise _invalid(config, key, "must be an http(s) URL without whitespace")
     return value.rstrip("/")
@@ -206,177 +217,148 @@ def _read_endpoints(config: Config) -> tuple[DiscoveryEndpoint, ...]:
     result = []
     for i, item in enumerate(config.get_list("discovery.endpoints")):
         key = f"discovery.endpoints[{i}]"
-        if not isinstance(item, dict):
-            raise _invalid(config, key, "must be a mapping with 'target' and 'plugins'")
+        if not isinstance(item, dict) or not isinstance(item.get("plugins"), list):
+            continue  # the schema said what is wrong with it
         target = item.get("target")
         if isinstance(target, str):
             internal = external = _read_target(config, f"{key}.target", target)
         elif isinstance(target, dict):
             internal = _read_target(config, f"{key}.target.internal", target.get("internal"))
             external = _read_target(config, f"{key}.target.external", target.get("external"))
-        elif target is None:
-            raise MissingConfigError(f"{key}.target", _origin(config, "discovery.endpoints"))
         else:
-            raise _invalid(config, f"{key}.target", "must be a string or {internal, external}")
-        plugins = item.get("plugins")
-        if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
-            raise _invalid(config, f"{key}.plugins", "must be a list of plugin ids")
-        result.append(DiscoveryEndpoint(tuple(plugins), internal, external))
+            if target is None:  # the schema reports it too (Config made from data: here)
+                config.missing(f"{key}.target")
+            continue
+        result.append(DiscoveryEndpoint(tuple(map(str, item["plugins"])), internal, external))
     return tuple(result)
 
 
-def _read_target(config: Config, key: str, value: Any) -> str | None:
+def _read_target(config: Config, key: str, value: Any, template: bool = True) -> str | None:
+    """A URL (with ``template``, a discovery target: ``{{pluginId}}`` allowed); None when
+    absent or reported."""
     if value is None:
         return None
-    if not isinstance(value, str):
-        raise _invalid(config, key, "must be a string")
-    _read_url(config, key, _PLUGIN_ID_PLACEHOLDER.sub("plugin", value))
-    return value
+    try:
+        text = str(value)
+        _read_url(config, key, _PLUGIN_ID_PLACEHOLDER.sub("plugin", text) if template else text)
+    except ConfigError as exc:
+        config.report(key, exc)
+        return None
+    return str(value)
 
 
-def _string_or_list(config: Config, key: str, value: Any) -> frozenset[str] | None:
+def _string_or_list(value: Any) -> frozenset[str] | None:
     """Backstage's readStringOrStringArrayFromConfig: split on spaces and commas, dedupe."""
     if value is None:
         return None
     raw = value if isinstance(value, list) else [value]
-    if not all(isinstance(v, str) for v in raw):
-        raise _invalid(config, key, "must be a string or a list of strings")
-    values = frozenset(part for v in raw for part in re.split(r"[ ,]", v) if part)
+    values = frozenset(part for v in raw for part in re.split(r"[ ,]", str(v)) if part)
     return values or None
 
 
 def _read_restrictions(config: Config, key: str,
                        entry: dict[str, Any]) -> tuple[AccessRestriction, ...] | None:
     items = entry.get("accessRestrictions")
-    if items is None:
-        return None
     if not isinstance(items, list):
-        raise _invalid(config, f"{key}.accessRestrictions", "must be a list")
+        return None  # absent, or the schema said what is wrong
     result: dict[str, AccessRestriction] = {}
     for j, item in enumerate(items):
         item_key = f"{key}.accessRestrictions[{j}]"
-        if not isinstance(item, dict):
-            raise _invalid(config, item_key, "must be a mapping")
-        for name in item:
-            if name not in ("plugin", "permission", "permissionAttribute"):
-                raise _invalid(config, item_key, f"unknown key '{name}', expected one of "
-                               "'plugin', 'permission', 'permissionAttribute'")
-        plugin = item.get("plugin")
-        if plugin is None:
-            raise MissingConfigError(f"{item_key}.plugin", _origin(config, EXTERNAL_ACCESS_KEY))
+        plugin = item.get("plugin") if isinstance(item, dict) else None
         if not isinstance(plugin, str) or not is_plugin_id(plugin):
-            raise _invalid(config, f"{item_key}.plugin", f"not a valid plugin id: {plugin!r}")
+            continue  # the schema said what is wrong
         if plugin in result:
-            raise _invalid(config, item_key, f"accessRestrictions declared twice for '{plugin}'")
-        permissions = _string_or_list(config, f"{item_key}.permission", item.get("permission"))
+            config.invalid(item_key, f"accessRestrictions declared twice for '{plugin}'")
+            continue
+        permissions = _string_or_list(item.get("permission"))
         actions = None
         attribute = item.get("permissionAttribute")
-        if attribute is not None:
-            if not isinstance(attribute, dict) or set(attribute) - {"action"}:
-                raise _invalid(config, f"{item_key}.permissionAttribute",
-                               "must be a mapping with only 'action'")
-            actions = _string_or_list(config, f"{item_key}.permissionAttribute.action",
-                                      attribute.get("action"))
+        if isinstance(attribute, dict):
+            actions = _string_or_list(attribute.get("action"))
             if actions and not actions <= set(_PERMISSION_ACTIONS):
-                raise _invalid(config, f"{item_key}.permissionAttribute.action",
+                config.invalid(f"{item_key}.permissionAttribute.action",
                                "valid values are 'create', 'read', 'update', 'delete'")
+                continue
         result[plugin] = AccessRestriction(plugin, permissions, actions)
     return tuple(result.values()) or None
 
 
-def _required_string(config: Config, key: str, value: Any) -> str:
-    if value is None:
-        raise MissingConfigError(key, _origin(config, EXTERNAL_ACCESS_KEY))
-    if isinstance(value, dict | list):
-        raise _invalid(config, key, "must be a string")
-    return str(value)
-
-
-def _decode_secret(config: Config, key: str, secret: str) -> bytes:
-    if not re.fullmatch(r"\S+", secret):
-        raise _invalid(config, key, "must be a base64 string without whitespace")
+def _decode_secret(config: Config, key: str, secret: str) -> bytes | None:
+    """A base64 (or base64url) secret; None after reporting one that is not."""
     text = secret.replace("-", "+").replace("_", "/").rstrip("=")
     try:
         decoded = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise _invalid(config, key, "must be a valid base64 string") from None
+        config.invalid(key, "must be a valid base64 string")
+        return None
     if not decoded:
-        raise _invalid(config, key, "must not be empty")
+        config.invalid(key, "must not be empty")
+        return None
     return decoded
 
 
 def _read_external_access(
     config: Config,
 ) -> tuple[tuple[StaticAccess, ...], tuple[LegacyAccess, ...], tuple[JwksAccess, ...]]:
+    """The entries of ``backend.auth.externalAccess`` (and the deprecated ``keys``). The schema
+    checked their structure (an entry it found wrong is skipped here); this checks what it
+    cannot: base64 secrets, URL shapes, algorithms, the same token twice."""
     static: list[StaticAccess] = []
     legacy: list[LegacyAccess] = []
     jwks: list[JwksAccess] = []
     for i, entry in enumerate(config.get_list(EXTERNAL_ACCESS_KEY)):
         key = f"{EXTERNAL_ACCESS_KEY}[{i}]"
-        if not isinstance(entry, dict):
-            raise _invalid(config, key, "must be a mapping with 'type' and 'options'")
-        kind = _required_string(config, f"{key}.type", entry.get("type"))
-        options = entry.get("options")
-        if options is None:
-            raise MissingConfigError(f"{key}.options", _origin(config, EXTERNAL_ACCESS_KEY))
-        if not isinstance(options, dict):
-            raise _invalid(config, f"{key}.options", "must be a mapping")
-        restrictions = _read_restrictions(config, key, entry)
         opt = f"{key}.options"
+        options = entry.get("options") if isinstance(entry, dict) else None
+        if not isinstance(options, dict) or any(
+                _related(key, other) for other, _ in config.reported()):
+            continue  # the schema said what is wrong with it
+        kind = entry.get("type")
+        restrictions = _read_restrictions(config, key, entry)
         if kind == "static":
-            token = _required_string(config, f"{opt}.token", options.get("token"))
-            subject = _required_string(config, f"{opt}.subject", options.get("subject"))
-            if not re.fullmatch(r"\S+", token):
-                raise _invalid(config, f"{opt}.token", "must be a set of non-space characters")
-            if len(token) < 8:
-                raise _invalid(config, f"{opt}.token", "must be at least 8 characters long")
-            if not re.fullmatch(r"\S+", subject):
-                raise _invalid(config, f"{opt}.subject", "must be a set of non-space characters")
+            token, subject = str(options.get("token")), str(options.get("subject"))
             digest = hashlib.sha256(token.encode("utf-8")).digest()
             if any(hmac.compare_digest(digest, s.digest) for s in static):
-                raise _invalid(config, f"{opt}.token", "the same static token is declared twice")
+                config.invalid(f"{opt}.token", "the same static token is declared twice")
+                continue
             static.append(StaticAccess(key, subject, digest, restrictions))
         elif kind == "legacy":
-            secret = _required_string(config, f"{opt}.secret", options.get("secret"))
-            subject = _required_string(config, f"{opt}.subject", options.get("subject"))
-            if not re.fullmatch(r"\S+", subject):
-                raise _invalid(config, f"{opt}.subject", "must be a set of non-space characters")
-            legacy.append(LegacyAccess(key, subject, _decode_secret(config, f"{opt}.secret",
-                                                                    secret), restrictions))
+            secret = _decode_secret(config, f"{opt}.secret", str(options.get("secret")))
+            if secret is not None:
+                legacy.append(LegacyAccess(key, str(options.get("subject")), secret,
+                                           restrictions))
         elif kind == "jwks":
-            url = _read_url(config, f"{opt}.url",
-                            _required_string(config, f"{opt}.url", options.get("url")))
-            algorithms = _string_or_list(config, f"{opt}.algorithm", options.get("algorithm"))
+            url = _read_target(config, f"{opt}.url", options.get("url"), template=False)
+            url = url.rstrip("/") if url else None
+            algorithms = _string_or_list(options.get("algorithm"))
             if algorithms and not algorithms <= ASYMMETRIC_ALGORITHMS:
                 bad = ", ".join(sorted(algorithms - ASYMMETRIC_ALGORITHMS))
-                raise _invalid(config, f"{opt}.algorithm", f"unsupported algorithm(s) {bad}; "
+                config.invalid(f"{opt}.algorithm", f"unsupported algorithm(s) {bad}; "
                                f"allowed: {', '.join(sorted(ASYMMETRIC_ALGORITHMS))}")
+                continue
+            if url is None:
+                continue
             prefix = options.get("subjectPrefix")
-            if prefix is not None and (not isinstance(prefix, str) or not prefix):
-                raise _invalid(config, f"{opt}.subjectPrefix", "must be a non-empty string")
             jwks.append(JwksAccess(
                 key=key,
                 url=url,
                 algorithms=algorithms or ASYMMETRIC_ALGORITHMS,
-                issuers=_string_or_list(config, f"{opt}.issuer", options.get("issuer")),
-                audiences=_string_or_list(config, f"{opt}.audience", options.get("audience")),
-                subject_prefix=prefix,
+                issuers=_string_or_list(options.get("issuer")),
+                audiences=_string_or_list(options.get("audience")),
+                subject_prefix=str(prefix) if prefix is not None else None,
                 restrictions=restrictions,
             ))
-        else:
-            raise _invalid(config, f"{key}.type",
-                           f"unknown type '{kind}', expected one of 'static', 'legacy', 'jwks'")
     old = config.get_list(OLD_KEYS_KEY)
     if old:
         log.warning("DEPRECATION WARNING: The %s config has been replaced by %s",
                     OLD_KEYS_KEY, EXTERNAL_ACCESS_KEY)
     for i, entry in enumerate(old):
         key = f"{OLD_KEYS_KEY}[{i}]"
-        if not isinstance(entry, dict):
-            raise _invalid(config, key, "must be a mapping with 'secret'")
-        secret = _required_string(config, f"{key}.secret", entry.get("secret"))
-        legacy.append(LegacyAccess(key, "backstage-plugin",
-                                   _decode_secret(config, f"{key}.secret", secret)))
+        if not isinstance(entry, dict) or not isinstance(entry.get("secret"), str):
+            continue  # the schema said what is wrong with it
+        secret = _decode_secret(config, f"{key}.secret", entry["secret"])
+        if secret is not None:
+            legacy.append(LegacyAccess(key, "backstage-plugin", secret))
     return tuple(static), tuple(legacy), tuple(jwks)
 
 
