@@ -81,9 +81,42 @@ def parse_responses(data: bytes, method: str = "GET") -> list[http.client.HTTPRe
     return out
 
 
+#: How long to keep reading for the close after a whole final answer that said
+#: ``Connection: close`` (nothing may follow it on that connection). A refusal of a request whose
+#: body is still coming (a 413 from the head, a 401 before the body) says so but leaves the
+#: connection open; the read used to wait out the whole ``timeout`` (10 s) for it. Anything the
+#: proxy still sends within this grace is read and checked, and the callers check the upstream
+#: for a forward afterwards, as before.
+AFTER_CLOSE_ANSWER_GRACE = 1.0
+_CONNECTION_CLOSE = re.compile(rb"\r\nconnection: *close\r\n", re.IGNORECASE)
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length: *(\d+)\r\n", re.IGNORECASE)
+
+
+def _closing_answer_complete(data: bytes) -> bool:
+    """Whether ``data`` holds a whole final (non-1xx) response with a Content-Length and
+    ``Connection: close`` (after any interim and keep-alive responses before it)."""
+    rest = data
+    while True:
+        head, sep, body = rest.partition(b"\r\n\r\n")
+        if not sep:
+            return False
+        head += b"\r\n"
+        status = head.split(b" ", 2)[1:2]
+        if status and status[0].startswith(b"1"):  # an interim answer: the final one follows
+            rest = body
+            continue
+        length = _CONTENT_LENGTH.search(head)
+        if length is None or len(body) < int(length.group(1)):
+            return False
+        if _CONNECTION_CLOSE.search(head):
+            return True
+        rest = body[int(length.group(1)):]  # a keep-alive answer: a pipelined one may follow
+
+
 def exchange(port: int, raw: bytes, timeout: float = 10.0) -> bytes:
     """Send ``raw`` (from another thread, so an early answer is read while the rest is still
-    going out) and read until the proxy closes; everything it sent. No half-close: mitmproxy
+    going out) and read until the proxy closes (or for ``AFTER_CLOSE_ANSWER_GRACE`` after a
+    whole answer that said ``Connection: close``); everything it sent. No half-close: mitmproxy
     takes a FIN from the client as "not interested in an answer"."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
 
@@ -95,15 +128,23 @@ def exchange(port: int, raw: bytes, timeout: float = 10.0) -> bytes:
     sender.start()
     received = bytearray()
     deadline = time.monotonic() + timeout
+    answered = False
     try:
         while time.monotonic() < deadline:
             chunk = sock.recv(65536)
             if not chunk:
                 break
             received += chunk
+            if not answered and _closing_answer_complete(bytes(received)):
+                answered = True
+                deadline = min(deadline, time.monotonic() + AFTER_CLOSE_ANSWER_GRACE)
+                sock.settimeout(AFTER_CLOSE_ANSWER_GRACE)
     except OSError:
         pass
     finally:
+        if answered:  # a sender still blocked on a proxy that stopped reading gets an error
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         sender.join(timeout)
         sock.close()
     return bytes(received)
