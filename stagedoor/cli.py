@@ -9,7 +9,6 @@ passes to :func:`main`: ``stagedoor_addons.main`` (the installed ``stagedoor`` c
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import logging
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
 from .config import ConfigError
-from .policy import PolicyLoadError
 
 DEFAULT_CONFIG = "config/app-config.yaml"
 DEFAULT_POLICIES = "policies"
@@ -121,6 +119,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Every config and policy problem in one run, each as ``file:line: message``; exit 1 if
     any. Exactly what ``run`` and a reload validate (:func:`stagedoor.runtime.load_state`)."""
     from .diagnose import problems_of
+    from .policy import PolicyLoadError
     from .runtime import load_state
 
     files = _config_files(args)
@@ -143,6 +142,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 # -- run -------------------------------------------------------------------------------------------
 def _load_runtime(config_files: list[str], policy_dir: str):  # -> Runtime | None
     """The runtime, or None after printing every problem (as ``check`` does)."""
+    from .policy import PolicyLoadError
     from .runtime import Runtime
     from .versions import mitmproxy_version_problem
 
@@ -287,6 +287,8 @@ def _run(args: argparse.Namespace, config_files: list[str], dev_backend) -> int:
             supervisor.announce_ready(ready_fd, index)
 
     log.info("stagedoor event loop: %s", loop.reason)
+    import asyncio  # here, not at the top: the commands that start no proxy stay light
+
     asyncio.run(proxy.serve(runtime, host, port, on_ready=ready, admin=admin),
                 loop_factory=loop_factory)
     args.served = True
@@ -347,6 +349,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
               f"  (loopback only; keeps the last {settings.max_flows} flows; secrets redacted"
               + (f"; saving to {settings.save_path}" if settings.save_path else "") + ")\n",
               file=sys.stderr, flush=True)
+
+    import asyncio
 
     try:
         asyncio.run(proxy.serve_web(runtime, host, port, web_host, web_port, settings,
@@ -441,6 +445,8 @@ stagedoor demo: sidecar on http://{h}:{p}, demo upstream on {backend.base_url}
 {notes_banner}
   # mint more: ./run.sh token --user user:default/someone
 """, flush=True)
+
+    import asyncio
 
     asyncio.run(proxy.serve(runtime, host, port, on_ready=ready, admin=admin))
     backend.shutdown()
@@ -560,6 +566,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 # -- openapi ---------------------------------------------------------------------------------------
 def cmd_openapi(args: argparse.Namespace) -> int:
     from .openapi import SERVE_KEY, build_document, load_for_document, render
+    from .policy import PolicyLoadError
 
     files = args.config or ([DEFAULT_CONFIG] if Path(DEFAULT_CONFIG).is_file() else [])
     try:
