@@ -1,5 +1,6 @@
-"""``docs/policy-reference.md`` generated from the policy schema: every key, its type, default,
-description and an example. ``python -m stagedoor.policydoc`` rewrites the file;
+"""``docs/policy-reference.md`` generated from the policy and config schemas: every key, its
+type, default, description and an example (config: the ``stagedoor.*`` keys and the Backstage
+keys stagedoor reads). ``python -m stagedoor.policydoc`` rewrites the file;
 ``python -m stagedoor.policydoc --check`` exits 1 when it no longer matches the schema
 (``tests/test_policydoc.py`` runs that check).
 """
@@ -149,6 +150,25 @@ def render() -> str:
         lines += [f"### `{title}`", ""]
         lines += _table(schema, config)
         lines.append("")
+    lines += ["## Backstage config keys stagedoor reads", "",
+              "Shared with the Backstage backend; keys of these sections that are not listed "
+              "are Backstage's and left alone.", ""]
+    shown = set()
+    for top in ("backend", "discovery"):
+        for title, schema in _config_sections(config["properties"][top], top):
+            shown.add(str(schema.get("title", title)))
+            lines += [f"### `{title}`", ""]
+            if schema.get("description"):
+                lines += [schema["description"], ""]
+            lines += _table(schema, config)
+            lines.append("")
+    for title, schema in _sections(config)[1:]:
+        if title not in shown:
+            lines += [f"### {title}", ""]
+            if schema.get("description"):
+                lines += [schema["description"], ""]
+            lines += _table(schema, config)
+            lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
