@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, unquote_to_bytes
@@ -64,8 +65,23 @@ class CoreEnv:
         config.write_text(hard_config(self.up))
         self.state: State = load_state([str(config)], str(policies))
         self.loop = asyncio.new_event_loop()
-        self.loop.run_until_complete(self.state.verifier.prefetch())
+        self._prefetch_user_keys()
         self.token = mint_user_token(self.user_key, issuer=self.issuer)
+
+    def _prefetch_user_keys(self, attempts: int = 20) -> None:
+        """Until the verifier holds the fixture's key sets: a fetch has a 1 s timeout
+        (jwksTimeoutSeconds), which a busy machine can miss; the tables must not start then
+        (they would read a 503 for every row until the next fetch)."""
+        wanted = [s for s in self.state.verifier.sources
+                  if s.url.endswith((USER_JWKS, EXT_JWKS))]
+        assert len(wanted) == 2, wanted
+        for _ in range(attempts):
+            self.loop.run_until_complete(self.state.verifier.prefetch())
+            if all(s.keys for s in wanted):
+                return
+            time.sleep(max(s.cooldown for s in wanted))  # then the next fetch may start
+        raise AssertionError(f"key sets still missing after {attempts} fetches: "
+                             f"{[s.failure for s in wanted]}")
 
     def decide(self, target: str, authorization: list[str] | None = None,
                method: str = "GET") -> tuple[Decision | None, HeadRefusal | None]:
