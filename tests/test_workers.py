@@ -1,16 +1,17 @@
 """``stagedoor run --workers N`` (stagedoor/supervisor.py): the pure helpers, the SO_REUSEPORT
-listener, a tripwire on how mitmproxy listens, and the supervisor end to end."""
+listener, mitmproxy's own listeners sharing the port, and the supervisor end to end."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
-import inspect
 import os
 import re
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -113,15 +114,51 @@ def test_reuse_port_loop_leaves_other_ports_alone():
     assert asyncio.run(main(), loop_factory=supervisor.worker_loop_factory(1)) == 0
 
 
-def test_tripwire_mitmproxy_listens_with_asyncio_start_server_on_the_running_loop():
-    # supervisor.ReusePortEventLoop relies on this: if mitmproxy ever listens another way, the
-    # second worker fails with EADDRINUSE; this test says where to look first.
-    from mitmproxy.proxy import mode_servers
+class _NoConnections:
+    """The connection registry a mitmproxy server instance reports to (none arrive here)."""
 
-    source = inspect.getsource(mode_servers.AsyncioServerInstance.listen)
-    assert "asyncio.start_server(self.handle_stream, host, port)" in source
-    assert mode_servers.ServerInstance.make("reverse:http://127.0.0.1:9", None).__class__\
-        .__mro__[1] is mode_servers.AsyncioServerInstance
+    connections: dict[object, object] = {}
+
+    @contextlib.contextmanager
+    def register_connection(self, connection_id: object, handler: object) -> Iterator[None]:
+        yield
+
+
+def test_mitmproxys_own_listeners_share_the_workers_port():
+    """What ``--workers`` relies on: mitmproxy opens its listener through the running loop's
+    ``create_server`` with the host and port, so the worker loop adds ``SO_REUSEPORT`` and N
+    workers bind one port. Two of mitmproxy's reverse-mode servers (what two workers start)
+    listen on the supervisor's reserved port, under the worker loop; if mitmproxy ever binds its
+    socket some other way, they cannot (EADDRINUSE) and this fails before any worker does."""
+    from mitmproxy.proxy import mode_servers
+    from mitmproxy.test import taddons
+
+    reserved = supervisor.reserve("127.0.0.1", 0)
+    port = reserved[0].getsockname()[1]
+
+    async def main() -> list[tuple[object, ...]]:
+        with taddons.context():
+            workers = [mode_servers.ServerInstance.make(
+                f"reverse:http://127.0.0.1:9@127.0.0.1:{port}", _NoConnections())
+                for _ in range(2)]
+            try:
+                for worker in workers:
+                    await worker.start()
+                for _ in range(4):  # the kernel queues them on one listener or the other
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.close()
+                return [worker.listen_addrs for worker in workers]
+            finally:
+                for worker in workers:
+                    if worker.is_running:
+                        await worker.stop()
+
+    try:
+        addresses = asyncio.run(main(), loop_factory=supervisor.worker_loop_factory(port))
+    finally:
+        for sock in reserved:
+            sock.close()
+    assert addresses == [(("127.0.0.1", port),)] * 2
 
 
 def test_describe_exit_codes():
