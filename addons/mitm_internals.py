@@ -61,10 +61,12 @@ Each entry: the private name; why stagedoor needs it; what would replace it.
     proxy already answered ``Expect`` itself) and anything to an HTTP/1.0 client are dropped.
     *Replacement:* interim response support in mitmproxy's HTTP/1 client.
 12. mitmweb, for ``stagedoor inspect`` only (``addons/inspect.py``): ``view.View._store`` (the
-    flow buffer a ``ShadowView`` bounds and redacts), ``WebMaster._sig_view_*`` (the UI's
-    signal handlers re-connected to it), and the names of mitmweb's live flow writers it
-    removes (checked at install, with a clear error). *Replacement:* a view size limit and a
-    flow-redaction hook in mitmweb.
+    flow buffer a ``ShadowView`` bounds and redacts), ``WebMaster.view`` (replaced by it: the
+    web handlers find flows through ``master.view``), ``WebMaster._sig_view_*`` (the UI's
+    signal handlers, re-connected to it: they push flows to browsers), and the names of
+    mitmweb's live flow writers it removes (checked at install, with a clear error). Pinned in
+    ``tests/test_inspect.py`` through mitmweb's real web server (websocket pushes, ``/flows``
+    lookups). *Replacement:* a view size limit and a flow-redaction hook in mitmweb.
 
 (2)-(6) are the request limits of ``stagedoor.limits`` (docs/security.md). Upstream timeouts:
 mitmproxy awaits a slow upstream forever and ``flow.kill()`` does not abort it; we close the
