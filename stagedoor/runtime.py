@@ -179,6 +179,12 @@ class OperationsSettings:
                 admin = parse_listen(str(raw_admin))
             except ValueError as exc:
                 config.invalid("stagedoor.admin.listen", str(exc))
+        listen = config.get_string("stagedoor.listen")
+        if listen is not None:  # read by the CLI at start; checked here with the rest
+            try:
+                parse_listen(listen)
+            except ValueError as exc:
+                config.invalid("stagedoor.listen", str(exc))
         grace_raw = config.get("stagedoor.shutdown.gracePeriod", DEFAULT_GRACE_PERIOD)
         try:
             grace = 0.0 if grace_raw in (0, "0", "0s") else parse_duration(grace_raw)

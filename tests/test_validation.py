@@ -57,6 +57,8 @@ stagedoor:
   log:
     format: xml                            # <- 13 operations: unknown format
   trustedProxies: [not-an-ip]              # <- 14 operations: not an address
+  listen: localhost                        # <- 15 operations: not HOST:PORT
+  eventLoop: trio                          # <- 16 operations: unknown loop
 """
 
 #: (problem number, the key the message names, a fragment of its message).
@@ -75,6 +77,8 @@ EXPECTED = [
     (12, "stagedoor.shutdown.gracePeriod", "soon"),
     (13, "stagedoor.log.format", "must be one of json, text"),
     (14, "stagedoor.trustedProxies", "not an IP address or CIDR"),
+    (15, "stagedoor.listen", "wants HOST:PORT, got 'localhost'"),
+    (16, "stagedoor.eventLoop", "must be one of auto, uvloop, asyncio, got 'trio'"),
 ]
 
 BROKEN_RULES = """\
