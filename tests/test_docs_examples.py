@@ -104,12 +104,22 @@ def _free(port: int) -> bool:
     return True
 
 
+def _ephemeral_start() -> int:
+    """The first port the kernel hands out for ``bind(port 0)`` (Linux; 32768 elsewhere)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return 32768
+
+
 def _choose_offset(ports: set[int]) -> int:
-    """One offset that puts every port (and the port after it) on a free port."""
+    """One offset that puts every port (and the port after it) on a free port, below the
+    ephemeral range where it fits: the other workers' sidecars listen on port 0, and one of
+    them took a shifted port between this check and the example's server start."""
     wanted = ports | {p + 1 for p in ports}
     low, high = (min(wanted), max(wanted)) if wanted else (0, 0)
+    top = _ephemeral_start() - 1 if _ephemeral_start() - 1 - (high - low) > 20000 else 60000
     for _ in range(50):
-        offset = random.randint(20000, 60000 - (high - low)) - low
+        offset = random.randint(20000, top - (high - low)) - low
         if all(_free(p + offset) for p in wanted):
             return offset
     raise AssertionError(f"no free block of ports for {sorted(ports)}")
