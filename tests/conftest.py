@@ -64,6 +64,28 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 # order, so its module-scoped sidecars start once and tests that read what earlier ones did
 # (inspect's --save file after its replay) see it. ``loadgroup`` with marks added from a conftest
 # hook was tried and silently split modules: xdist had read the marks before the hook ran.
+#
+# Modules are handed out in collection order (``--no-loadscope-reorder``), longest first: xdist's
+# default order (most tests first) left the long modules with few tests (the docs examples,
+# schemathesis, the Backstage parity runs, the soak) for the end, where one worker ran them
+# while the other had nothing left to do. Measured module wall times (2 workers, 2 cores),
+# longest first; a module not listed runs after these, in file order. A stale list costs time,
+# never correctness.
+LONGEST_MODULES = (
+    "test_openapi_e2e.py", "test_docs_examples.py", "test_live_e2e.py", "test_ratelimit_e2e.py",
+    "test_cli_dev.py", "test_operator_logs.py", "test_ratelimit_parity.py", "test_cli.py",
+    "test_backstage_citizen.py", "test_auth_e2e.py", "test_workers.py", "test_inspect_e2e.py",
+    "test_hardening_resources.py", "test_hardening_soak.py", "test_policy_e2e.py",
+    "test_hardening_faults.py", "test_eventloop.py", "test_hardening_edge.py",
+    "test_reload_consistency.py", "test_property_decide.py", "test_signing.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest modules first (see ``LONGEST_MODULES``); each module's tests keep their order.
+    Every worker collects and sorts the same way, as xdist requires."""
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 # -- upstreams -------------------------------------------------------------------------------------
