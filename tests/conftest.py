@@ -81,6 +81,25 @@ LONGEST_MODULES = (
 )
 
 
+#: Modules that share one worker (one scope for xdist): the users of the session's real
+#: Backstage backend (tests/backstage.py), which each worker that runs one starts for itself.
+SAME_WORKER = {"tests/test_backstage_fixture.py": "tests/test_backstage_citizen.py"}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadscope`` with the modules of ``SAME_WORKER`` in one scope."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return SAME_WORKER.get(scope, scope)
+
+    return Scheduling(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Longest modules first (see ``LONGEST_MODULES``); each module's tests keep their order.
     Every worker collects and sorts the same way, as xdist requires."""
