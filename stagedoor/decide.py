@@ -219,7 +219,6 @@ def _check_permission(draft: _Draft, route: Route, principal: Principal | None,
     permission = route.permission
     assert permission is not None
     trace = draft.trace
-    message = f"Permission '{permission}' denied"
     if principal is not None and principal.access_permissions is not None \
             and permission not in principal.access_permissions:
         if trace is not None:
@@ -248,16 +247,17 @@ def _check_permission(draft: _Draft, route: Route, principal: Principal | None,
     for rule, effect in outcome.shadow:
         if effect == "deny":
             draft.would_deny(f"rule {rule.where} ({rule.permission}, enforce: false) would deny")
-    what = f"{permission}" + (f" on {resource!r}" if resource is not None else "")
-    if outcome.rule is None:
-        if trace is not None:
+    if trace is not None:  # the texts only when explaining (an allowed request needs none)
+        what = f"{permission}" + (f" on {resource!r}" if resource is not None else "")
+        if outcome.rule is None:
             trace.append(("permission", f"{what}: no rule matched: default deny"))
-        return ApiError(403, message)
-    if trace is not None:
-        how = "permission backend" if outcome.delegated else "rule"
-        verdict = "allow" if outcome.allowed else "deny"
-        trace.append(("permission", f"{what}: {verdict} by {how} {outcome.rule.where}"))
-    return None if outcome.allowed else ApiError(403, message)
+        else:
+            how = "permission backend" if outcome.delegated else "rule"
+            verdict = "allow" if outcome.allowed else "deny"
+            trace.append(("permission", f"{what}: {verdict} by {how} {outcome.rule.where}"))
+    if outcome.rule is not None and outcome.allowed:
+        return None
+    return ApiError(403, f"Permission '{permission}' denied")
 
 
 MEMBERSHIP_SOURCE_NAMES = {
