@@ -4,8 +4,9 @@
 unless ``--port``), logs ``floor listening on http://HOST:PORT`` on stderr and forwards every
 request to the upstream as it is (mitmproxy's reverse mode). Same mitmproxy, same event loop
 choice (``stagedoor/eventloop.py``), same lean hook dispatch (``addons/lean.py``), same proxy
-options and ``gc.freeze()`` after start as ``stagedoor run`` (and, like it, mitmproxy's
-``__debug__`` type checks left in place);
+options and ``gc.freeze()`` after start as ``stagedoor run``, and like it without mitmproxy's
+``__debug__``-only per-message type check (``lean.skip_debug_type_checks``, which
+``build_lean_master`` applies);
 no gateway, token verification, header policy, access log, metrics, lifecycle or reload.
 What stagedoor costs above this is its own. Stops on SIGTERM/SIGINT.
 """
@@ -41,6 +42,7 @@ async def serve(upstream: str, host: str, port: int) -> None:
     m = master.Master(options.Options(), event_loop=asyncio.get_running_loop(),
                       with_termlog=False)
     lean.install(m)
+    lean.skip_debug_type_checks()  # as build_lean_master does for stagedoor run
     m.addons.add(core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(),
                  PolicyOnlyTlsConfig(), errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
                  _Ready())
