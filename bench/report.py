@@ -378,9 +378,9 @@ def _why(run: dict[str, Any], v: Verdict) -> str:
                 "its ~35 default addons and runs on asyncio's own loop. The lean master "
                 "(`addons/master.py`) loads the 5 addons a reverse proxy needs plus stagedoor's, "
                 "dispatches each hook only to the handlers that exist (`addons/lean.py`) and "
-                "runs on uvloop where installed (`stagedoor/eventloop.py`). Both keep "
-                "mitmproxy's `__debug__` type checks of every request and response (see the "
-                "profile).")
+                "runs on uvloop where installed (`stagedoor/eventloop.py`); it also drops "
+                "mitmproxy's `__debug__`-only type check of every message "
+                "(`MessageData.__post_init__`, `addons/lean.py`), which mitmdump keeps.")
         if v.met:
             return base + (" What is left per request is mostly mitmproxy's HTTP/1 machinery "
                            "(see the floor and the profile below).")
@@ -798,9 +798,11 @@ Both put N Python processes on N cores; neither makes one process faster.
   master); the access-log line is one `json.dumps`, written with the lines around it.
 - mitmproxy: the lean master (`addons/master.py`) loads core, proxy server, next layer, TLS
   config and error check plus stagedoor's addons. `addons/lean.py` dispatches each hook only to
-  the handlers that exist. mitmproxy's `__debug__`-only type checks of every request and
-  response stay (a patch that dropped them was removed in issue 13 as not worth its risk; the
-  profile shows what they cost: `MessageData.__post_init__` and `check_option_type`).
+  the handlers that exist. mitmproxy's `__debug__`-only type check of every request and
+  response (`MessageData.__post_init__`) is dropped by `lean.skip_debug_type_checks`, only
+  while it still behaves as a pure check (tests/test_lean.py); the floor drops it too.
+  `python -O` would drop it through a public switch, but with it every `assert` and
+  mitmproxy's event-type checks in its proxy layers: not used.
 - The event loop is uvloop where installed (`stagedoor/eventloop.py`; `stagedoor.eventLoop` or
   `STAGEDOOR_EVENT_LOOP=asyncio` forces asyncio's).
 - The gateway rewrites request and response headers in one pass over the raw header fields, and
@@ -876,6 +878,9 @@ CUTS = ("Each measured in process when it was made, with thread CPU time (the ot
         "measure the whole.\n\n| cut | where | before | after |\n| --- | --- | ---: | ---: |\n"
         + "".join(f"| {cut} | {where} | {before} | {after} |\n"
                   for cut, where, before, after in CUT_ROWS)
+        + "\nThe last four rows were measured on a heavily loaded shared machine (thread CPU "
+        "time there ran about 2.5x an idle host's): compare each before with its after, not "
+        "with the rows above.\n"
         + "\nNo new private-internals patch: the head-end search is inside the limit wrapper "
         "that already existed (a property test holds it to the regex it replaces); the rest "
         "uses public APIs. With the access log in batches, a process killed outright (SIGKILL) "
