@@ -198,9 +198,10 @@ class BodyValidator:
 
 
 #: A number ``jsonschema-rs`` may not compare exactly as Python does (it holds floats as 64-bit
-#: floats; ``1e400`` is infinity): 16 or more digits in a row, or a 3-digit exponent. Such a
-#: body (or one with such digits in a string) is checked by the reference only.
-_INEXACT_NUMBER = re.compile(rb"[0-9]{16}|[eE][+-]?[0-9]{3}")
+#: floats; ``1e400`` is infinity): 16 or more digits in a row, or a digit followed by a 3-digit
+#: exponent. Such a body (or one with such digits in a string) is checked by the reference only.
+#: (Written with a leading digit: ~2x faster to search than the two alternatives on their own.)
+_INEXACT_NUMBER = re.compile(rb"[0-9](?:[0-9]{15}|[eE][+-]?[0-9]{3})")
 
 
 def _keywords_in(node: Any, found: dict[str, set[Any]]) -> None:
@@ -302,6 +303,18 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+#: ``json.loads(text, parse_constant=...)`` builds a decoder per call (~3.5 µs); this one is
+#: built once. ``json.loads`` also refuses a leading BOM: :func:`_parse_json` does as well.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _parse_json(text: str) -> Any:
+    """``json.loads(text, parse_constant=_reject_constant)``, with a decoder built once."""
+    if text.startswith("\ufeff"):
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    return _DECODER.decode(text)
+
+
 def check_body_head(rule: BodyRule, content_type: str | None, content_encoding: str | None,
                     content_length: int | None) -> ApiError | None:
     """What the head already tells about the body: refused before a byte of it is read."""
@@ -328,7 +341,7 @@ def check_body(rule: BodyRule, content_type: str | None, content_encoding: str |
     if not body.strip():
         return ApiError(400, "Invalid request body: the body is empty")
     try:
-        document = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        document = _parse_json(body.decode("utf-8"))
     except UnicodeDecodeError:
         return ApiError(400, "Invalid request body: not UTF-8")
     except json.JSONDecodeError as exc:
