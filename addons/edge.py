@@ -8,7 +8,10 @@
 - connections (``client_connected`` / ``client_disconnected``): at most
   ``maxConnectionsPerClient`` per peer address and ``maxConnections`` in all; an idle keep-alive
   connection is closed after ``idleTimeoutSeconds``; a body not complete ``bodyTimeoutSeconds``
-  after its head gets 408 and the connection is closed.
+  after its head gets 408 and the connection is closed. A request refused from its head while
+  its body is still coming (a 401, 403 or 413 sent before the body) says ``Connection: close``;
+  its body is read and dropped, and the connection is closed once the client has sent nothing
+  for ``LINGER_SECONDS`` (as nginx's ``lingering_timeout``), not held until the idle timeout.
 - trailers (chunked requests and answers): never forwarded either way, counted and logged with
   the request id.
 - ``error``: a client that hung up is recorded as 499 (``check: client``), not as an upstream
@@ -53,6 +56,10 @@ log = logging.getLogger("stagedoor.edge")
 
 CRASHED = "stagedoor: the connection handler crashed"
 BODY_TIMED_OUT = "stagedoor: request body not complete within stagedoor.limits.bodyTimeoutSeconds"
+#: After a refusal sent from the head, how long the rest of its body may pause before the
+#: connection is closed (at most the idle timeout). A client that sends its whole body first and
+#: reads the answer after still gets it: the body is read and dropped while it keeps coming.
+LINGER_SECONDS = 5.0
 
 
 @dataclass(slots=True)
@@ -63,6 +70,7 @@ class _Conn:
     flows: list[http.HTTPFlow] = field(default_factory=list)
     idle_timer: asyncio.TimerHandle | None = None
     body_timer: asyncio.TimerHandle | None = None
+    linger_timer: asyncio.TimerHandle | None = None
 
 
 class Edge:
@@ -89,7 +97,7 @@ class Edge:
     # -- lifecycle -------------------------------------------------------------------------------
     def load(self, loader: Any) -> None:
         mitm_internals.install_edge(self.settings, self._head_started, self._crashed,
-                                    self._interim)
+                                    self._interim, self._lingering)
 
     def _interim(self, status: int, forwarded: bool) -> None:
         self.count(f"interim_{status}_{'forwarded' if forwarded else 'dropped'}")
@@ -131,6 +139,7 @@ class Edge:
         self.book.release(conn.address)
         _cancel(conn.idle_timer)
         _cancel(conn.body_timer)
+        _cancel(conn.linger_timer)
         leaked = [f for f in conn.flows if f.error is None and f.response is None]
         conn.flows.clear()
         for flow in leaked:  # ended without a response or error hook: finish them here
@@ -164,6 +173,27 @@ class Edge:
         log.debug("closing a keep-alive connection from %s idle for %gs", conn.address,
                   self.settings().idle_timeout)
         mitm_internals.close_client(client_id, "idle timeout")
+
+    def _lingering(self, client_id: str) -> None:
+        """A refusal left from the head, or a piece of its body arrived (and was dropped)."""
+        conn = self.conns.get(client_id)
+        if conn is None:
+            return
+        _cancel(conn.linger_timer)
+        idle = self.settings().idle_timeout
+        conn.linger_timer = asyncio.get_running_loop().call_later(
+            min(LINGER_SECONDS, idle) if idle else LINGER_SECONDS, self._linger_expired,
+            client_id)
+
+    def _linger_expired(self, client_id: str) -> None:
+        conn = self.conns.get(client_id)
+        if conn is None:
+            return
+        conn.linger_timer = None
+        self.count("linger_timeout")
+        log.debug("closing a connection from %s: the body of a refused request paused for "
+                  "%gs", conn.address, LINGER_SECONDS)
+        mitm_internals.close_client(client_id, "linger timeout")
 
     # -- request head ----------------------------------------------------------------------------
     def requestheaders(self, flow: http.HTTPFlow) -> None:

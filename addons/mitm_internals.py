@@ -220,6 +220,7 @@ def _url_as_sent(target: str, state: State) -> str:
 _url_for: Callable[[str, State], str] = _url_as_sent
 _edge: Callable[[], EdgeSettings] = EdgeSettings
 _head_listener: Callable[[str], None] | None = None  # a client connection's head began
+_linger_listener: Callable[[str], None] | None = None  # a refused request's body is dropped
 _original_read_headers: Callable[..., object] | None = None
 _original_check_body_size: Callable[..., object] | None = None
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
@@ -394,12 +395,19 @@ def _check_killed_or_answer_from_head(self: http_layers.HttpStream, emit_error_h
     flow.response.timestamp_start = time.time()
     yield http_layers.HttpResponseHeadersHook(flow)
     yield from self.send_response()
+    if _linger_listener is not None:
+        _linger_listener(self.context.client.id)
     return True
 
 
 def _drop_request_body(self: http_layers.HttpStream, event: events.Event):  # type: ignore[no-untyped-def]
     """``client_state`` of a request answered from its head: its body is read and dropped
-    (never buffered); at its end the stream finishes as usual (the connection then closes)."""
+    (never buffered); at its end the stream finishes as usual (the connection then closes).
+    Each piece tells ``addons/edge.py``, which closes the connection once the client has sent
+    nothing for a few seconds (a client that stops half-way would otherwise hold it until the
+    idle timeout)."""
+    if isinstance(event, http_layers.RequestData) and _linger_listener is not None:
+        _linger_listener(self.context.client.id)
     if isinstance(event, http_layers.RequestEndOfMessage):
         self.client_state = self.state_done
         if self.server_state == self.state_done:
@@ -619,14 +627,17 @@ def install_edge(edge: Callable[[], EdgeSettings],
                  on_head_started: Callable[[str], None] | None = None,
                  on_crash: Callable[[server.ConnectionHandler, BaseException | None], None]
                  | None = None,
-                 on_interim: Callable[[int, bool], None] | None = None) -> None:
+                 on_interim: Callable[[int, bool], None] | None = None,
+                 on_linger: Callable[[str], None] | None = None) -> None:
     """Providers for (2)-(8) from ``addons/edge.py``: ``edge()`` answers the connection limits
     now serving; ``on_head_started(client_id)`` is called when bytes of a request head arrive;
-    ``on_crash(handler, exception)`` when a connection's layers crashed. A later call replaces
-    them."""
-    global _edge, _head_listener, _crash_listener, _interim_listener
+    ``on_crash(handler, exception)`` when a connection's layers crashed; ``on_linger(client_id)``
+    when a refusal was sent from the head (4) and then for every piece of its body dropped. A
+    later call replaces them."""
+    global _edge, _head_listener, _crash_listener, _interim_listener, _linger_listener
     _edge = edge
     _head_listener = on_head_started
+    _linger_listener = on_linger
     _crash_listener = on_crash
     _interim_listener = on_interim
     _install_limits()

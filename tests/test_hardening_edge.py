@@ -25,6 +25,7 @@ import pytest
 
 from .hardening import (
     EDGE_CASES,
+    MAX_BODY_BYTES,
     EdgeCase,
     HardEnv,
     error_shape_problem,
@@ -447,3 +448,53 @@ def test_in_flight_returns_to_zero_and_nothing_crashed(env):
     assert metric(env, "stagedoor_edge_events_total", cause="trailers_dropped_response") >= 1
     assert metric(env, "stagedoor_edge_events_total", cause="chunk_line_too_long") >= 1
     assert metric(env, "stagedoor_edge_events_total", cause="underscore_field_dropped") >= 1
+
+
+# -- a refusal sent before the body: the connection does not outstay it -------------------------
+@pytest.fixture(scope="module")
+def patient_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HardEnv]:
+    """The default idle and body timeouts (60 s): only the linger rule can close in seconds."""
+    e = HardEnv(tmp_path_factory.mktemp("hard-edge-patient"), access_log=True)
+    yield e
+    e.stop()
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> tuple[bytes, bool]:
+    """Everything the proxy sends, and whether it closed the connection within ``seconds``."""
+    received = b""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            return received, False
+        except ConnectionResetError:
+            return received, True
+        if not chunk:
+            return received, True
+        received += chunk
+    return received, False
+
+
+@pytest.mark.parametrize("sent", [
+    pytest.param(1_000, id="the client stops half-way"),
+    pytest.param(MAX_BODY_BYTES // 2, id="the client sends the whole body"),
+])
+def test_a_refusal_before_the_body_closes_the_connection_without_waiting_for_the_idle_timeout(
+        patient_env, sent):
+    """401 from the head, Connection: close; the body is dropped as it comes and the connection
+    closed once it stops (edge.LINGER_SECONDS, 5 s), not held for the 60 s idle timeout."""
+    before = len(patient_env.up.requests())
+    sock = socket.create_connection(("127.0.0.1", patient_env.port), timeout=10)
+    try:
+        sock.sendall(b"POST /api/fixture/items/abc HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY_BYTES // 2))
+        sock.sendall(b"x" * sent)
+        received, closed = _closed_within(sock, 30)
+    finally:
+        sock.close()
+    assert received.startswith(b"HTTP/1.1 401 "), received[:200]
+    assert b"Connection: close" in received
+    assert closed, "the connection was still open 30 s after the refusal (idle timeout 60 s)"
+    assert patient_env.up.requests()[before:] == []
