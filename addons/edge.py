@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +48,7 @@ from stagedoor.logsetup import redact_target
 from stagedoor.runtime import Runtime
 
 from . import mitm_internals
-from .gateway import META, _request_id
+from .gateway import new_record
 from .record import FlowRecord, record_of
 
 log = logging.getLogger("stagedoor.edge")
@@ -235,9 +234,7 @@ class Edge:
     def _record(self, flow: http.HTTPFlow) -> FlowRecord:
         record = record_of(flow.metadata)
         if record is None:  # a flow the gateway never saw (mitmproxy refused its head)
-            record = FlowRecord(_request_id(flow.request.headers), flow.request.path,
-                                time.perf_counter(), self.runtime.state)
-            flow.metadata[META] = record
+            record = new_record(flow, self.runtime.state)
         return record
 
     # -- request / response ----------------------------------------------------------------------

@@ -82,29 +82,12 @@ class Gateway:
         """Decide on the head: refusals and local answers leave before any body is read."""
         if flow.response or flow.error:
             return
-        record = self._new_record(flow)
+        record = new_record(flow, self.runtime.state)
         current_request_id.set(record.request_id)  # for lines logged deep inside (logsetup.py)
         try:
             await self._decide_head(flow, record)
         except Exception:  # fail closed: a bug here must never forward anything
             self._internal_error(flow, record)
-
-    def _new_record(self, flow: http.HTTPFlow) -> FlowRecord:
-        # Settled before any decision, so refusals carry a request id too; "target" is the path
-        # as the client sent it (forwarding rewrites flow.request.path). One pass over the raw
-        # fields for the two headers read here (mitmproxy's get_all rescans them per name).
-        ids: list[str] = []
-        authorization: list[str] = []
-        for name, value in flow.request.headers.fields:
-            lower = name.lower()
-            if lower == b"authorization":
-                authorization.append(value.decode("utf-8", "surrogateescape"))
-            elif lower == b"x-request-id":
-                ids.append(value.decode("utf-8", "surrogateescape"))
-        record = FlowRecord(forwarding.request_id(ids), flow.request.path, time.perf_counter(),
-                            self.runtime.state, authorization=tuple(authorization))
-        flow.metadata[META] = record
-        return record
 
     async def request(self, flow: http.HTTPFlow) -> None:
         """The body is in: forward what the head decision allowed."""
@@ -112,7 +95,7 @@ class Gateway:
             return
         record = record_of(flow.metadata)
         if record is None:  # no requestheaders hook ran (a replayed or injected flow)
-            record = self._new_record(flow)
+            record = new_record(flow, self.runtime.state)
             await self._guarded(flow, record, self._decide_head)
             if flow.response:
                 return
@@ -444,9 +427,23 @@ def _header_fields(pairs: Iterable[tuple[str, str]]) -> http.Headers:
     return http.Headers([(k.encode("latin-1"), v.encode("latin-1", "replace")) for k, v in pairs])
 
 
-def _request_id(headers: http.Headers) -> str:
-    """The client's X-Request-Id when it is well-formed, else a new one (forwarding.py)."""
-    return forwarding.request_id(headers.get_all("x-request-id"))
+def new_record(flow: http.HTTPFlow, state: State) -> FlowRecord:
+    """A request's record, settled before any decision so refusals carry a request id too, and
+    put on the flow. "target" is the path as the client sent it (forwarding rewrites
+    flow.request.path). One pass over the raw fields for the two headers read here (mitmproxy's
+    get_all rescans them per name)."""
+    ids: list[str] = []
+    authorization: list[str] = []
+    for name, value in flow.request.headers.fields:
+        lower = name.lower()
+        if lower == b"authorization":
+            authorization.append(value.decode("utf-8", "surrogateescape"))
+        elif lower == b"x-request-id":
+            ids.append(value.decode("utf-8", "surrogateescape"))
+    record = FlowRecord(forwarding.request_id(ids), flow.request.path, time.perf_counter(),
+                        state, authorization=tuple(authorization))
+    flow.metadata[META] = record
+    return record
 
 
 def running_address() -> str:
