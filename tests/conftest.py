@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from tests import forkserver
+
 ROOT = Path(__file__).resolve().parent.parent
 
 pytest_plugins = [
@@ -36,6 +38,10 @@ pytest_plugins = [
 #: (their answers are timed: JWKS timeouts, head limits). Capped for big machines.
 MIN_WORKERS = 2
 MAX_WORKERS = 8
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    forkserver.shutdown()  # this worker's fork server, if it started one (it kills its children)
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
@@ -260,7 +266,7 @@ _LISTENING = re.compile(r"stagedoor listening on http://([\d.]+):(\d+)")
 
 @dataclass
 class Sidecar:
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | forkserver.ForkedProcess
     host: str
     port: int
     stderr_lines: list[str] = field(default_factory=list)
@@ -297,7 +303,14 @@ def _pump(stream: Any, sink: list[str]) -> None:
 
 
 def start_sidecar(config_files: list[Path], policy_dir: Path, env: dict[str, str] | None = None,
-                  extra_args: list[str] | None = None, timeout: float = 20.0) -> Sidecar:
+                  extra_args: list[str] | None = None, timeout: float = 20.0,
+                  fork: bool = True) -> Sidecar:
+    """``python -m stagedoor_addons run`` on ephemeral ports, once it listens.
+
+    ``fork``: start it from this worker's fork server (tests/forkserver.py: the same command
+    in a process forked after the imports, a second of CPU less per start); False for a
+    fresh interpreter (``subprocess``).
+    """
     args = [sys.executable, "-m", "stagedoor_addons", "run", "--policies", str(policy_dir),
             "--listen", "127.0.0.1:0"]
     for f in config_files:
@@ -309,8 +322,12 @@ def start_sidecar(config_files: list[Path], policy_dir: Path, env: dict[str, str
                 if not k.startswith(("INSIGHTS_", "BACKSTAGE_"))}
     full_env.update(env or {})
     full_env["PYTHONUNBUFFERED"] = "1"
-    proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    proc: subprocess.Popen[bytes] | forkserver.ForkedProcess
+    if fork and forkserver.supported():  # the same command, its imports done once per worker
+        proc = forkserver.server().spawn(args, full_env, ROOT)
+    else:
+        proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     sidecar = Sidecar(proc, "", 0)
     assert proc.stderr is not None and proc.stdout is not None
     # Pump both pipes from the start and look for the address in what arrived: a select() on
