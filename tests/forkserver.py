@@ -227,8 +227,10 @@ class ChildRequest:
 
 
 #: What a start imports lazily, beyond stagedoor's own modules: the event loop and the
-#: control-plane HTTP client's transport (measured: a tenth of a second per start).
-LAZY_IMPORTS = ("uvloop", "httpcore", "anyio._backends._asyncio", "encodings.idna")
+#: control-plane HTTP client's transport (measured: a tenth of a second per start), and
+#: mitmweb's master for ``inspect``.
+LAZY_IMPORTS = ("uvloop", "httpcore", "anyio._backends._asyncio", "encodings.idna",
+                "mitmproxy.tools.web.master")
 
 
 def preload() -> list[str]:

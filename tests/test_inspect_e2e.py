@@ -33,6 +33,7 @@ from mitmproxy import io
 
 from stagedoor.devkeys import generate_dev_keys, mint_user_token
 
+from . import forkserver
 from .conftest import ROOT, LoopbackServer, Sidecar, _pump, closed_port, write_config
 from .httpraw import request
 
@@ -154,8 +155,12 @@ def start_inspect(config: Path, policies: Path, save: Path, timeout: float = 20.
             "--max-flows", str(MAX_FLOWS), "--save", str(save)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INSIGHTS_", "BACKSTAGE_"))}
     env["PYTHONUNBUFFERED"] = "1"
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    proc: subprocess.Popen[bytes] | forkserver.ForkedProcess
+    if forkserver.supported():  # the same command, forked after the imports (conftest.py)
+        proc = forkserver.server().spawn(args, env, ROOT)
+    else:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     assert proc.stderr is not None and proc.stdout is not None
     sidecar = Sidecar(proc, "", 0)
     web: re.Match[str] | None = None
