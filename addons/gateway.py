@@ -26,7 +26,16 @@ from mitmproxy import ctx, http
 from stagedoor import forwarding
 from stagedoor.auth import extract_bearer
 from stagedoor.body import check_body, check_body_head, is_json_type
-from stagedoor.decide import API_PREFIX, Answer, Decision, Deny, Forward, GatewayRequest, refuse
+from stagedoor.decide import (
+    API_PREFIX,
+    Answer,
+    Decision,
+    Deny,
+    Forward,
+    GatewayRequest,
+    Upstream,
+    refuse,
+)
 from stagedoor.errors import JSON_CONTENT_TYPE, ApiError, render_error
 from stagedoor.errors import utf8_safe as _utf8_safe
 from stagedoor.head import HeadRefusal, apply, check_head
@@ -224,24 +233,7 @@ class Gateway:
             return
         record.client_close = head.client_close  # mitmproxy reads the stripped request for that
         record.forwarded_at = time.perf_counter()  # upstream latency, for the log and metrics
-        # No header fields while the target is rewritten: with a Host field present, each of
-        # mitmproxy's host and port setters rescans and rewrites the headers (measured: a fifth
-        # of the gateway's time per request); the fields carry the upstream's Host already.
-        req.headers.fields = ()
-        req.scheme = up.scheme
-        # Each of the host and port setters recomputes the authority from scheme, host and port
-        # (~4 µs each): one run after the last change gives the same request, so a setter whose
-        # value is already there is skipped, unless no other one runs (a sidecar's upstream is
-        # usually on 127.0.0.1, the host reverse mode already put there).
-        host_changed = req.host != up.host
-        if host_changed:
-            req.host = up.host
-        if req.port != up.port or not host_changed:
-            req.port = up.port
-        req.path = up.path
-        # mitmproxy reads "get" as GET (decide saw GET) but would send "get" on: forward the
-        # method that was authorised, byte for byte.
-        req.method = req.method
+        retarget(req, up)
         req.headers.fields = head.fields
         self._timers[flow.id] = asyncio.get_running_loop().call_later(decision.timeout,
                                                                       self._expire, flow)
@@ -451,6 +443,29 @@ def new_record(flow: http.HTTPFlow, state: State) -> FlowRecord:
                         state, authorization=tuple(authorization))
     flow.metadata[META] = record
     return record
+
+
+def retarget(req: http.Request, up: Upstream) -> None:
+    """Point ``req`` at the upstream: scheme, host, port and path (its header fields are left
+    empty: the caller sets the upstream's, Host included)."""
+    # No header fields while the target is rewritten: with a Host field present, each of
+    # mitmproxy's host and port setters rescans and rewrites the headers (measured: a fifth
+    # of the gateway's time per request).
+    req.headers.fields = ()
+    req.scheme = up.scheme
+    # Each of the host and port setters recomputes the authority from scheme, host and port
+    # (~4 µs each): one run after the last change gives the same request, so a setter whose
+    # value is already there is skipped, unless no other one runs (a sidecar's upstream is
+    # usually on 127.0.0.1, the host reverse mode already put there).
+    host_changed = req.host != up.host
+    if host_changed:
+        req.host = up.host
+    if req.port != up.port or not host_changed:
+        req.port = up.port
+    req.path = up.path
+    # mitmproxy reads "get" as GET (decide saw GET) but would send "get" on: forward the
+    # method that was authorised, byte for byte.
+    req.method = req.method
 
 
 def running_address() -> str:

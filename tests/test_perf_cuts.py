@@ -1,0 +1,45 @@
+"""The per-request shortcuts of issue 18 give what the plain code gives: the upstream rewrite
+that skips a setter whose value is already there (addons/gateway.py ``retarget``)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from mitmproxy import http
+
+from stagedoor.decide import Upstream
+from stagedoor_addons.gateway import retarget
+
+
+def _request(authority: bytes, method: str = "GET") -> http.Request:
+    """A request as reverse mode hands it over: aimed at 127.0.0.1:9, origin-form unless
+    ``authority`` (absolute-form)."""
+    req = http.Request.make(method, "http://127.0.0.1:9/api/unit/things/a?b=c", b"",
+                            {"Host": "sidecar.example:7007", "X-A": "1"})
+    req.data.authority = authority
+    return req
+
+
+def _plainly(req: http.Request, up: Upstream) -> None:
+    """What the gateway did before the shortcut: every setter, in order."""
+    req.headers.fields = ()
+    req.scheme = up.scheme
+    req.host = up.host
+    req.port = up.port
+    req.path = up.path
+    req.method = req.method
+
+
+@pytest.mark.parametrize(("authority", "host", "port", "scheme", "method"), itertools.product(
+    (b"", b"sidecar.example:7007"), ("127.0.0.1", "upstream.internal"), (9, 8080),
+    ("http", "https"), ("GET", "get")))
+def test_retarget_gives_what_every_setter_gives(authority, host, port, scheme, method):
+    up = Upstream(scheme, host, port, "/v1/things/a")
+    fast = _request(authority, method)
+    plain = fast.copy()
+    retarget(fast, up)
+    _plainly(plain, up)
+    assert fast.data.get_state() == plain.data.get_state()
+    assert (fast.url, fast.authority, fast.host, fast.port) == (plain.url, plain.authority,
+                                                                 plain.host, plain.port)
