@@ -1,14 +1,18 @@
 """The per-request shortcuts of issue 18 give what the plain code gives: the upstream rewrite
-that skips a setter whose value is already there (addons/gateway.py ``retarget``)."""
+that skips a setter whose value is already there (addons/gateway.py ``retarget``), and the
+access-log line through the prebuilt JSON encoder (addons/accesslog.py ``access_line``)."""
 
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 from mitmproxy import http
 
 from stagedoor.decide import Upstream
+from stagedoor.logsetup import format_access_record
+from stagedoor_addons.accesslog import access_line
 from stagedoor_addons.gateway import retarget
 
 
@@ -43,3 +47,26 @@ def test_retarget_gives_what_every_setter_gives(authority, host, port, scheme, m
     assert fast.data.get_state() == plain.data.get_state()
     assert (fast.url, fast.authority, fast.host, fast.port) == (plain.url, plain.authority,
                                                                  plain.host, plain.port)
+
+
+RECORDS = [
+    {},
+    {"a": None},
+    {"time": "2026-12-02T13:00:00.000Z", "request_id": "r1", "client": "127.0.0.1",
+     "method": "GET", "path": "/api/x?token=[REDACTED]", "plugin": None, "status": 200,
+     "latency_ms": 0.1 + 0.2, "upstream_ms": 12.0, "n": 10**20, "big": 1e300},
+    {"reason": 'quote " backslash \\ newline \n nul \x00 line-sep \u2028 é 猫 \udcff',
+     "nan": float("nan"), "inf": float("-inf"), "flag": True, "off": False},
+]
+
+
+@pytest.mark.parametrize("record", RECORDS)
+@pytest.mark.parametrize("fmt", ["json", "logfmt"])
+def test_access_line_is_the_formatted_record(record, fmt):
+    assert access_line(record, fmt) == format_access_record(record, fmt)
+
+
+def test_access_line_refuses_what_json_refuses():
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        access_line({"x": object()}, "json")
+    assert json.loads(access_line({"a": 1, "b": None}, "json")) == {"a": 1}
