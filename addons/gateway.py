@@ -24,7 +24,6 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from stagedoor import forwarding
-from stagedoor.auth import extract_bearer
 from stagedoor.body import check_body, check_body_head, is_json_type
 from stagedoor.decide import (
     API_PREFIX,
@@ -214,8 +213,9 @@ class Gateway:
         peer = flow.client_conn.peername
         state = record.state  # the header policy of the state this request was decided on
         principal = decision.principal
-        # The verified token (only with a principal: an open route may carry anything).
-        token = extract_bearer(list(record.authorization)) if principal else None
+        # The verified token (only with a principal: an open route may carry anything), as
+        # decide() read it from the same Authorization values.
+        token = decision.token if principal else None
         caller = Caller(principal, token, record.request_id, decision.context.plugin_id or "")
         try:
             head = forwarding.upstream_fields(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import ClassVar, Protocol
 
@@ -166,6 +166,10 @@ class Forward(_Decided):
     context: Context
     upstream: Upstream
     timeout: float
+    #: The bearer token the principal was verified from (None on an open route), for an
+    #: identity that passes it on: the gateway need not parse Authorization again. Never
+    #: shown or compared, as the flow record's ``authorization``.
+    token: str | None = field(default=None, repr=False, compare=False)
     allowed: ClassVar[bool] = True
     check: ClassVar[str] = "allow"
 
@@ -440,4 +444,4 @@ def decide(request: GatewayRequest, policies: PolicySet, verifier: Verifier | No
             shown = ", ".join(f"{n}: {v}" for n, v in up.shown_headers())
             trace.append(("upstream", f"headers set (client copies removed): {shown}"))
         trace.append(("action", f"forward to {upstream.url}"))
-    return Forward(draft.context(), upstream, route.timeout)
+    return Forward(draft.context(), upstream, route.timeout, token)

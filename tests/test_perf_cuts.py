@@ -70,3 +70,20 @@ def test_access_line_refuses_what_json_refuses():
     with pytest.raises(TypeError, match="not JSON serializable"):
         access_line({"x": object()}, "json")
     assert json.loads(access_line({"a": 1, "b": None}, "json")) == {"a": 1}
+
+
+@pytest.mark.parametrize("authorization", ["Bearer {t}", "bearer   {t}", " \tBEARER {t} "])
+def test_forward_carries_the_token_it_was_verified_from(tmp_path, authorization):
+    from stagedoor.auth import extract_bearer
+    from stagedoor.decide import Forward, GatewayRequest, decide
+
+    from .test_bench_hotpath import _runtime
+
+    runtime, token = _runtime(tmp_path, 0)
+    state = runtime.state
+    values = (authorization.format(t=token),)
+    decision = decide(GatewayRequest("GET", "/api/insights/services/payments-api", values),
+                      state.policies, state.verifier, state.authorizer)
+    assert isinstance(decision, Forward) and decision.principal is not None
+    assert decision.token == extract_bearer(list(values)) == token
+    assert token not in repr(decision)
