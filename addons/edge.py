@@ -208,7 +208,8 @@ class Edge:
         if record is not None and record.check == "head":
             self.count("head_refused")
         timeout = self.settings().body_timeout
-        if timeout and flow.error is None and mitm_internals.expects_body(flow.request):
+        if timeout and flow.error is None and _framed(flow.request.headers.fields) \
+                and mitm_internals.expects_body(flow.request):
             _cancel(conn.body_timer)
             conn.body_timer = asyncio.get_running_loop().call_later(
                 timeout, self._body_expired, flow)
@@ -353,6 +354,18 @@ def error_page(status: int, message: str, method: str, url: str, request_id: str
     body = error_body(status, ERROR_NAMES.get(status, "Error"), message, utf8_safe(method), url)
     mitm_internals.register_error(message, status, body, (("X-Request-Id", request_id),))
     return mitm_internals.json_error_response(status, message)
+
+
+#: The request header names that can announce a body (mitmproxy's expected_http_body_size).
+_FRAMING_NAMES = (b"content-length", b"transfer-encoding")
+
+
+def _framed(fields: tuple[tuple[bytes, bytes], ...]) -> bool:
+    """False when no field can announce a body (no Content-Length, no Transfer-Encoding): then
+    mitmproxy's ``expected_http_body_size`` says 0 for a request, and its two header lookups
+    (each rescanning and re-lowercasing every field) are skipped. A non-ASCII name is left to
+    mitmproxy (its names are compared as lowercased text)."""
+    return any(name.lower() in _FRAMING_NAMES or not name.isascii() for name, _ in fields)
 
 
 def _cancel(timer: asyncio.TimerHandle | None) -> None:

@@ -8,6 +8,8 @@ import itertools
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mitmproxy import http
 
 from stagedoor.decide import Upstream
@@ -35,9 +37,9 @@ def _plainly(req: http.Request, up: Upstream) -> None:
     req.method = req.method
 
 
-@pytest.mark.parametrize(("authority", "host", "port", "scheme", "method"), itertools.product(
+@pytest.mark.parametrize(("authority", "host", "port", "scheme", "method"), list(itertools.product(
     (b"", b"sidecar.example:7007"), ("127.0.0.1", "upstream.internal"), (9, 8080),
-    ("http", "https"), ("GET", "get")))
+    ("http", "https"), ("GET", "get"))))
 def test_retarget_gives_what_every_setter_gives(authority, host, port, scheme, method):
     up = Upstream(scheme, host, port, "/v1/things/a")
     fast = _request(authority, method)
@@ -87,3 +89,23 @@ def test_forward_carries_the_token_it_was_verified_from(tmp_path, authorization)
     assert isinstance(decision, Forward) and decision.principal is not None
     assert decision.token == extract_bearer(list(values)) == token
     assert token not in repr(decision)
+
+
+# -- the edge's body check: mitmproxy's expected_http_body_size only when a field can frame a body
+_NAMES = [b"Content-Length", b"content-length", b"CONTENT-LENGTH", b"Transfer-Encoding",
+          b"transfer-encoding", b"Host", b"Authorization", b"X-Content-Length", b"Content-Type",
+          "Content-Lengt\u0127".encode(), "\u212aeep".encode()]
+_VALUES = [b"", b"0", b"5", b"chunked", b"gzip", b"gzip, chunked", b"x", b"1, 1", b"-1"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_NAMES), st.sampled_from(_VALUES)), max_size=4),
+       st.sampled_from(["GET", "POST", "HEAD", "CONNECT"]))
+def test_framed_skips_only_what_has_no_body(fields, method):
+    from stagedoor_addons import mitm_internals
+    from stagedoor_addons.edge import _framed
+
+    request = http.Request.make(method, "http://127.0.0.1:9/x", b"")
+    request.headers.fields = tuple(fields)
+    assert (_framed(request.headers.fields) and mitm_internals.expects_body(request)) \
+        == mitm_internals.expects_body(request)
