@@ -125,9 +125,19 @@ async def _measure(runtime: Any, token: str, access_log: Path, requests: int,
     hooks = (HttpRequestHeadersHook, HttpRequestHook, HttpResponseHeadersHook, HttpResponseHook)
     timers = _Timers()
     upstream_body = b'{"id":"payments-api"}'
+    # One keep-alive connection the edge tracks, as wrk's: its per-request connection work
+    # (the body check, the idle timer) counts too. The head starting is what mitmproxy's
+    # request-head reader tells the edge (addons/mitm_internals.py) before the first hook.
+    from mitmproxy.test import tflow
+
+    edge = m.addons.get("edge")
+    client = tflow.tclient_conn()
+    edge.client_connected(client)
 
     async def one() -> None:
         flow = _flow(token)
+        flow.client_conn = client
+        edge._head_started(client.id)
         for hook in hooks[:2]:
             await m.addons.handle_lifecycle(hook(flow))
         if flow.response is not None or flow.request.path != UPSTREAM_PATH:
@@ -157,6 +167,7 @@ async def _measure(runtime: Any, token: str, access_log: Path, requests: int,
         log_stream.close()
         for timer in list(m.addons.get("gateway")._timers.values()):
             timer.cancel()
+        edge.client_disconnected(client)  # its idle timer
 
     per_addon = {name: ns / done / 1000.0 for name, ns in timers.ns.items()}
 
