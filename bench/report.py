@@ -885,18 +885,18 @@ CUT_ROWS = (
      "(each reruns the authority update; the one that runs last gives the same request): with "
      "the upstream on 127.0.0.1, where reverse mode already aimed the request, only the port "
      "setter runs (engineer `perf`)", "`addons/gateway.py`",
-     "926.5k instructions per request", "903.4k"),
+     "919.7k instructions per request", "896.8k"),
     ("each access-log line built as one dict in line order and encoded by the C JSON encoder "
      "built once (`JSONEncoder.encode` builds one per call); the same bytes, tested (engineer "
-     "`perf`)", "`addons/accesslog.py`", "902.4k instructions per request", "883.5k"),
+     "`perf`)", "`addons/accesslog.py`", "899.0k instructions per request", "878.1k"),
     ("a `Forward` decision carries the bearer token its principal was verified from (not shown, "
      "not compared), so the forward step does not run the Bearer regex over the token a second "
      "time (engineer `perf`)", "`stagedoor/decide.py`, `addons/gateway.py`",
-     "883.5k instructions per request", "868.4k"),
+     "878.1k instructions per request", "859.3k"),
     ("mitmproxy's `expected_http_body_size` (two header lookups, each rescanning and "
      "re-lowercasing every field) asked only when a request field can announce a body; a "
      "property test holds the shortcut to it (engineer `perf`)", "`addons/edge.py`",
-     "868.4k instructions per request", "839.3k"),
+     "859.3k instructions per request", "832.7k"),
 )
 CUTS = ("Each measured in process when it was made, with thread CPU time (the other work on the "
         "shared machine does not count), on the bench's own request; the load runs above "
@@ -909,11 +909,12 @@ CUTS = ("Each measured in process when it was made, with thread CPU time (the ot
         "above.\n"
         + "\nThe last four rows count instructions instead (callgrind, collecting only around "
         "1,000 bench requests driven through the four flow hooks of a lean master in process, "
-        "the request as wrk sends it, on a connection the edge tracks; each after is its "
-        "commit, each before the commit before it): repeatable to 0.01% whatever else runs. "
-        "Together 926.5k -> 839.3k instructions per request (-9.4%); thread CPU time of the "
-        "same drive, three interleaved runs each on the busy machine, 282 -> 240 µs per "
-        "request (medians).\n"
+        "the request as wrk sends it, on a connection the edge tracks, the wall clock held "
+        "still so that what is formatted once a second costs the same in every run; each after "
+        "is its commit, each before the commit before it, the six runs side by side; the "
+        "retarget() refactor between the first two rows: +2.2k). Together 919.7k -> 832.7k "
+        "instructions per request (-9.5%); thread CPU time of the same drive, three "
+        "interleaved runs each on the busy machine, 282 -> 240 µs per request (medians).\n"
         + "\nNo new private-internals patch: the head-end search is inside the limit wrapper "
         "that already existed (a property test holds it to the regex it replaces); the rest "
         "uses public APIs. With the access log in batches, a process killed outright (SIGKILL) "
