@@ -64,8 +64,9 @@ class UpstreamTlsConfig(tlsconfig.TlsConfig):
         super().__init__()
         self.lookup = lookup
 
-    def request(self, flow: Any) -> None:
-        return None
+    #: No ``request`` hook at all (not a handler that returns at once): mitmproxy's hook
+    #: dispatch skips a hook attribute that is None, so no call is made per request.
+    request = None
 
     def tls_start_server(self, tls_start: Any) -> None:
         super().tls_start_server(tls_start)

@@ -75,6 +75,13 @@ _TOKENS = re.compile(rb"^" + _TCHARS + rb"(?:\n" + _TCHARS + rb")*\Z")  # names 
 _WATCHED_LENGTHS = frozenset({4, 6, 14, 17})
 # field-value: VCHAR, obs-text, SP and HTAB; nothing else (no CR, LF, NUL or other CTL).
 _BAD_VALUE_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_BAD_VALUE_BYTES = bytes([*range(0x00, 0x09), *range(0x0a, 0x20), 0x7f])
+
+
+def _has_bad_value_byte(data: bytes) -> bool:
+    """``_BAD_VALUE_BYTE.search(data) is not None``, without the regex engine's per-byte
+    cost (deleting the bytes in C and comparing lengths is about four times faster)."""
+    return len(data.translate(None, _BAD_VALUE_BYTES)) != len(data)
 _DIGITS = re.compile(rb"^[0-9]{1,18}\Z")
 # uri-host [":" port]: reg-name (unreserved / pct-encoded / sub-delims), IPv4, or [IP-literal].
 _HOST = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]{0,5})?\Z")
@@ -165,7 +172,7 @@ def check_head(method: str, authority: str, path: str, http_version: str,
     if fields and not _TOKENS.match(names):
         bad_name = next(name for name, _ in fields if not _TOKEN.match(name))
         return _refuse(f"field name {bad_name[:40]!r} is not a token")
-    if _BAD_VALUE_BYTE.search(b"\t".join([value for _, value in fields])):
+    if _has_bad_value_byte(b"\t".join([value for _, value in fields])):
         for name, value in fields:
             bad = _BAD_VALUE_BYTE.search(value)
             if bad is not None:
@@ -281,7 +288,7 @@ def finish_response_head(fields: Sequence[Field], request_version: str, body_len
       connection with an HTTP/1.0 client"), whatever ``Connection: keep-alive`` it sent.
     """
     out = list(fields)
-    if _BAD_VALUE_BYTE.search(b"\t".join([value for _, value in out])) or not _TOKENS.match(
+    if _has_bad_value_byte(b"\t".join([value for _, value in out])) or not _TOKENS.match(
             b"\n".join([name for name, _ in out])):
         out = [(name, _BAD_VALUE_BYTE.sub(b" ", value)) for name, value in out
                if is_token(name)]

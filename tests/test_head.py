@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from stagedoor.config import Config, ConfigError
 from stagedoor.edge import ConnectionBook, EdgeSettings, LogThrottle, default_max_connections
@@ -309,3 +311,19 @@ def test_http_date_is_an_imf_fixdate():
 
     assert http_date(0) == b"Thu, 01 Jan 1970 00:00:00 GMT"
     assert http_date(784111777) == b"Sun, 06 Nov 1994 08:49:37 GMT"  # RFC 9110's example
+
+
+# -- the bad-byte check without the regex engine ---------------------------------------------------
+def test_the_bad_value_byte_check_agrees_with_the_regex_on_every_byte():
+    from stagedoor.head import _BAD_VALUE_BYTE, _has_bad_value_byte
+
+    for byte in range(256):
+        data = b"token " + bytes([byte]) + b" value"
+        assert _has_bad_value_byte(data) == (_BAD_VALUE_BYTE.search(data) is not None), byte
+
+
+@given(st.binary(max_size=300))
+def test_the_bad_value_byte_check_agrees_with_the_regex(data: bytes):
+    from stagedoor.head import _BAD_VALUE_BYTE, _has_bad_value_byte
+
+    assert _has_bad_value_byte(data) == (_BAD_VALUE_BYTE.search(data) is not None)
