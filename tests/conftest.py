@@ -33,13 +33,14 @@ pytest_plugins = [
 
 
 # -- parallel runs (pytest-xdist) ------------------------------------------------------------------
-#: One worker per CPU plus one (at least three): with sidecars forked after their imports
-#: (tests/forkserver.py) a worker spends about a fifth of its time waiting on real processes
-#: and sockets, and the extra worker runs in those waits. Measured on 2 cores, the same tree,
-#: alternating: 3 workers 123.7 s / 130.4 s / 121.8 s, 2 workers 154.6 s / 144.6 s. Capped for
-#: big machines: more workers than that starve the sidecars they start (their answers are
-#: timed: JWKS timeouts, head limits).
-MIN_WORKERS = 3
+#: One worker per CPU plus two (at least four): with sidecars and CLI commands forked
+#: after their imports (tests/forkserver.py) a worker spends much of its time waiting on real
+#: processes and sockets, and the extra workers run in those waits. Measured on 2 cores (Intel
+#: Xeon VM), the same tree, whole runs: 4 workers 64.1 / 60.6 / 63.1 / 61.9 / 62.1 s, 3 workers
+#: 70.1 / 69.6 / 67.8 / 68.4 s (and before the CLI commands were forked, 3 workers 123.7 s
+#: against 2 workers 154.6 s on an AMD EPYC VM). Capped for big machines: more workers than that
+#: starve the sidecars they start (their answers are timed: JWKS timeouts, head limits).
+MIN_WORKERS = 4
 MAX_WORKERS = 8
 
 
@@ -48,7 +49,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    return max(MIN_WORKERS, min(MAX_WORKERS, (os.cpu_count() or 1) + 1))
+    return max(MIN_WORKERS, min(MAX_WORKERS, (os.cpu_count() or 1) + 2))
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -325,9 +326,9 @@ def start_sidecar(config_files: list[Path], policy_dir: Path, env: dict[str, str
                 if not k.startswith(("INSIGHTS_", "BACKSTAGE_"))}
     full_env.update(env or {})
     full_env["PYTHONUNBUFFERED"] = "1"
-    proc: subprocess.Popen[bytes] | forkserver.ForkedProcess
-    if fork and forkserver.supported():  # the same command, its imports done once per worker
-        proc = forkserver.server().spawn(args, full_env, ROOT)
+    proc: subprocess.Popen[bytes] | forkserver.ForkedProcess | subprocess.Popen[Any]
+    if fork:  # the same command, its imports done once per worker (where the platform can)
+        proc = forkserver.popen(args, env=full_env)
     else:
         proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)

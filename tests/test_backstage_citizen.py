@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.backstage import GUEST_USER, SessionBackstage
 
+from . import forkserver
 from .conftest import LoopbackServer, RecordingServer, Sidecar, start_sidecar, write_config
 from .httpraw import RawResponse, request
 
@@ -451,17 +452,14 @@ def test_identity_none_sends_nothing_about_the_caller(env: Env) -> None:
 
 
 def test_explain_names_the_membership_source_and_the_upstream_identity(env: Env) -> None:
-    import subprocess
     import sys
 
-    from .conftest import ROOT
 
     def explain(path: str) -> str:
-        done = subprocess.run(
+        done = forkserver.run(
             [sys.executable, "-m", "stagedoor.cli", "explain", "--config", str(env.config),
              "--policies", str(env.config.parent / "policies"), "GET", path,
-             "--token", env.backstage.guest_token()],
-            cwd=ROOT, capture_output=True, text=True, timeout=60)
+             "--token", env.backstage.guest_token()], text=True)
         return done.stdout + done.stderr
 
     team = explain("/api/insights/team")

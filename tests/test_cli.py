@@ -16,6 +16,7 @@ from pathlib import Path
 import jwt
 import pytest
 
+from . import forkserver
 from .conftest import ROOT
 from .httpraw import request
 
@@ -24,9 +25,8 @@ CLEAN_ENV = {k: v for k, v in os.environ.items()
 
 
 def stagedoor(*args: str, env: dict[str, str] | None = None, timeout: float = 30):
-    return subprocess.run([sys.executable, "-m", "stagedoor_addons", *args], cwd=ROOT,
-                          env={**CLEAN_ENV, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return forkserver.run([sys.executable, "-m", "stagedoor_addons", *args],
+                          env={**CLEAN_ENV, **(env or {})}, text=True, timeout=timeout)
 
 
 def test_check_accepts_the_shipped_policies():
@@ -81,11 +81,9 @@ def test_token_mints_a_plugin_token(tmp_path):
 
 @pytest.mark.e2e
 def test_demo_works_with_no_setup_and_its_curl_lines_do_what_they_say(tmp_path):
-    proc = subprocess.Popen(
+    proc = forkserver.popen(
         [sys.executable, "-m", "stagedoor_addons", "demo", "--listen", "127.0.0.1:0",
-         "--upstream-port", "0", "--dev-dir", str(tmp_path / "dev")],
-        cwd=ROOT, env=CLEAN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL, text=True)
+         "--upstream-port", "0", "--dev-dir", str(tmp_path / "dev")], env=CLEAN_ENV, text=True)
     try:
         assert proc.stdout is not None
         banner: list[str] = []

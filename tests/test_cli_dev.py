@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from . import forkserver
 from .conftest import ROOT, RecordingServer, start_sidecar, write_config
 from .httpraw import request
 from .test_cli import CLEAN_ENV, stagedoor
@@ -199,11 +199,10 @@ def test_run_dev_token_group_matches_a_member_of_rule_through_the_proxy(tmp_path
                                    ["--listen", "127.0.0.1:0", "--admin", "0.0.0.0:0"],
                                    ["--listen", "127.0.0.1:0", "--workers", "2"]])
 def test_run_dev_is_refused_unless_every_listener_is_loopback(tmp_path, flags):
-    result = subprocess.run([sys.executable, "-m", "stagedoor_addons", "run", "--dev",
+    result = forkserver.run([sys.executable, "-m", "stagedoor_addons", "run", "--dev",
                              "--dev-dir", str(tmp_path), *flags],
-                            cwd=ROOT, env={**CLEAN_ENV, "INSIGHTS_API_URL": "http://127.0.0.1:1"},
-                            capture_output=True, text=True, timeout=30,
-                            stdin=subprocess.DEVNULL)
+                            env={**CLEAN_ENV, "INSIGHTS_API_URL": "http://127.0.0.1:1"},
+                            text=True, timeout=30)
     assert result.returncode == 1
     assert "--dev" in result.stderr and "listening on" not in result.stderr
 
@@ -213,9 +212,8 @@ def test_run_dev_is_refused_when_the_config_listens_beyond_loopback(tmp_path):
         insights: {externalApiUrl: http://127.0.0.1:1}
         stagedoor: {admin: {listen: 0.0.0.0:0}}
         """)
-    result = subprocess.run([sys.executable, "-m", "stagedoor_addons", "run", "--dev", "--config",
+    result = forkserver.run([sys.executable, "-m", "stagedoor_addons", "run", "--dev", "--config",
                              str(config), "--dev-dir", str(tmp_path / "dev"), "--listen",
-                             "127.0.0.1:0"], cwd=ROOT, env=CLEAN_ENV, capture_output=True,
-                            text=True, timeout=30, stdin=subprocess.DEVNULL)
+                             "127.0.0.1:0"], env=CLEAN_ENV, text=True, timeout=30)
     assert result.returncode == 1
     assert "not: admin on 0.0.0.0" in result.stderr

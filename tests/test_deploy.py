@@ -20,6 +20,7 @@ import yaml
 
 from stagedoor.config import load_config
 
+from . import forkserver
 from .conftest import ROOT, RecordingServer, closed_port
 
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -221,8 +222,8 @@ def image_files(tmp_path: Path) -> dict[str, Any]:
 
 def test_shipped_config_and_policies_pass_stagedoor_check(image_files):
     argv = [a if a != "run" else "check" for a in image_files["argv"]]
-    result = subprocess.run(argv, cwd=ROOT, env={**os.environ, **image_files["env"]},
-                            capture_output=True, text=True, timeout=30)
+    result = forkserver.run(argv, env={**os.environ, **image_files["env"]}, text=True,
+                            timeout=30)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok: 1 plugin(s)")
 

@@ -154,7 +154,62 @@ def test_a_server_that_goes_away_takes_its_sidecars_with_it(tmp_path):
         os.kill(child.pid, 0)
 
 
-def test_only_the_stagedoor_command_is_forked():
+def test_only_the_stagedoor_commands_are_forked():
     server = forkserver.server()
-    with pytest.raises(ValueError, match="only runs"):
+    with pytest.raises(ValueError, match="runs 'python -m' one of"):
         server.spawn([sys.executable, "-c", "print(1)"], dict(os.environ), ROOT)
+
+
+def test_a_forked_command_prints_and_exits_as_a_fresh_one(tmp_path):
+    """``forkserver.run`` (the CLI tests' ``subprocess.run``) gives what a fresh interpreter
+    running the same ``python -m`` command gives: exit code, stdout and stderr, byte for byte,
+    for both entry points, on success, on a refused input and on a usage error."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "tiny.yaml").write_text("pluginId: tiny\nroutes:\n  - path: /things\n"
+                                        "    auth: unauthenticated\n"
+                                        "    upstream: http://127.0.0.1:9/things\n")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tiny.yaml").write_text("pluginId: tiny\nroutes:\n  - path: things\n")
+    config = write_config(tmp_path / "app-config.yaml", """\
+        backend:
+          baseUrl: http://127.0.0.1:9
+        stagedoor:
+          auth: {userTokens: false, pluginTokens: false}
+        """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(TEST_VARIED_PREFIXES)}
+    commands = [
+        ["stagedoor_addons", "check", "--config", str(config), "--policies", str(policies)],
+        ["stagedoor_addons", "check", "--config", str(config), "--policies", str(broken)],
+        ["stagedoor_addons", "token", "--no-such-flag"],
+        ["stagedoor.cli", "explain", "--config", str(config), "--policies", str(policies),
+         "GET", "/api/tiny/things"],
+        ["stagedoor.cli", "explain", "--config", str(config), "--policies", str(policies),
+         "GET", "/api/tiny/nothing"],
+    ]
+    codes = set()
+    for command in commands:
+        args = [sys.executable, "-m", *command]
+        fresh = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, timeout=60,
+                               stdin=subprocess.DEVNULL)
+        forked = forkserver.run(args, env=env)
+        assert (forked.returncode, forked.stdout, forked.stderr) == \
+            (fresh.returncode, fresh.stdout, fresh.stderr), command
+        codes.add(fresh.returncode)
+        text = forkserver.run(args, env=env, text=True)
+        assert text.stdout == fresh.stdout.decode() and text.stderr == fresh.stderr.decode()
+    assert codes == {0, 1, 2}  # the commands above cover success, refusal and usage errors
+
+
+def test_a_forked_command_that_outlives_its_timeout_is_killed(tmp_path):
+    sidecar = _start(tmp_path, fork=True)  # writes a config and policies that serve
+    sidecar.stop()
+    args = [sys.executable, "-m", "stagedoor_addons", "run", "--policies",
+            str(tmp_path / "policies"), "--config", str(tmp_path / "app-config.yaml"),
+            "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
+    with pytest.raises(subprocess.TimeoutExpired):
+        forkserver.run(args, timeout=3)
+    # The server reaped it: none of its children is left running.
+    pid = forkserver.server().proc.pid
+    assert Path(f"/proc/{pid}/task/{pid}/children").read_text().split() == []

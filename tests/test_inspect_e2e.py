@@ -155,12 +155,7 @@ def start_inspect(config: Path, policies: Path, save: Path, timeout: float = 20.
             "--max-flows", str(MAX_FLOWS), "--save", str(save)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INSIGHTS_", "BACKSTAGE_"))}
     env["PYTHONUNBUFFERED"] = "1"
-    proc: subprocess.Popen[bytes] | forkserver.ForkedProcess
-    if forkserver.supported():  # the same command, forked after the imports (conftest.py)
-        proc = forkserver.server().spawn(args, env, ROOT)
-    else:
-        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    proc = forkserver.popen(args, env=env)  # the same command, forked after the imports
     assert proc.stderr is not None and proc.stdout is not None
     sidecar = Sidecar(proc, "", 0)
     web: re.Match[str] | None = None
@@ -274,10 +269,9 @@ def _inspect_fails(tmp: Path, *extra: str) -> str:
         backend: {baseUrl: http://127.0.0.1:9}
         insights: {externalApiUrl: http://127.0.0.1:9}
         """)
-    result = subprocess.run(
+    result = forkserver.run(
         [sys.executable, "-m", "stagedoor_addons", "inspect", "--policies", str(policies),
-         "--config", str(config), "--listen", "127.0.0.1:0", *extra],
-        cwd=ROOT, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+         "--config", str(config), "--listen", "127.0.0.1:0", *extra], timeout=30)
     assert result.returncode == 1, result.stderr.decode()[-2000:]
     return result.stderr.decode()
 

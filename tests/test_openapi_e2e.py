@@ -15,6 +15,7 @@ import pytest
 
 from stagedoor.devkeys import generate_dev_keys, mint_plugin_token, mint_user_token
 
+from . import forkserver
 from .conftest import ROOT, RecordingServer, Sidecar, start_sidecar, write_config
 from .httpraw import request
 
@@ -114,10 +115,9 @@ class Env:
         self.token = mint_user_token(self.keys.user, issuer=f"{self.upstream.url}/api/auth")
 
     def openapi_cli(self, *extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        return forkserver.run(
             [sys.executable, "-m", "stagedoor.cli", "openapi", "--policies", str(self.policies),
-             "--config", str(self.config), *extra],
-            cwd=ROOT, capture_output=True, text=True, timeout=30)
+             "--config", str(self.config), *extra], text=True, timeout=30)
 
     def stop(self) -> None:
         self.sidecar.stop()

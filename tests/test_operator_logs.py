@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from . import forkserver
 from .conftest import ROOT, Sidecar, closed_port, start_sidecar, write_config
 from .httpraw import request
 from .test_live_e2e import connection_refused, wait_for
@@ -205,10 +206,9 @@ def test_stopped_is_the_last_line_and_the_listeners_are_closed_by_then(tmp_path)
 def test_opening_the_inspect_ui_logs_no_error_about_its_favicon(tmp_path):
     env = {"INSIGHTS_API_URL": "http://127.0.0.1:1", "BACKSTAGE_BASE_URL": "http://127.0.0.1:1",
            "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "stagedoor_addons", "inspect", "--listen",
-                             "127.0.0.1:0", "--web", "127.0.0.1:0"], cwd=ROOT,
-                            env={**_clean_env(), **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    proc = forkserver.popen([sys.executable, "-m", "stagedoor_addons", "inspect", "--listen",
+                             "127.0.0.1:0", "--web", "127.0.0.1:0"],
+                            env={**_clean_env(), **env}, text=True, stderr_to_stdout=True)
     lines: list[str] = []
     try:
         assert proc.stdout is not None

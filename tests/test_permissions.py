@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import textwrap
 import time
@@ -28,6 +27,7 @@ from stagedoor.permissions import (
 )
 from stagedoor.policy import PolicyLoadError, load_policies
 
+from . import forkserver
 from .conftest import ROOT, LoopbackServer, RecordingServer, start_sidecar, write_config
 from .httpraw import request
 
@@ -430,9 +430,8 @@ def test_e2e_delegations_are_counted_in_metrics(gated_env):
 
 
 def explain_cli(config, policies, *args):
-    return subprocess.run([sys.executable, "-m", "stagedoor.cli", "explain", "--config",
-                           str(config), "--policies", str(policies), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return forkserver.run([sys.executable, "-m", "stagedoor.cli", "explain", "--config",
+                           str(config), "--policies", str(policies), *args], text=True)
 
 
 def test_explain_allowed_request_exits_0_and_shows_every_step(gated_env):

@@ -32,8 +32,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from stagedoor.devkeys import generate_dev_keys, mint_user_token
 from stagedoor.errors import SECURITY_HEADERS
 
+from . import forkserver
 from .conftest import (
-    ROOT,
     LoopbackServer,
     Sidecar,
     read_request,
@@ -461,9 +461,8 @@ def test_no_secret_in_the_openapi_document(env: Env):
     resp = env.get("/api/notes/.stagedoor/openapi.json", token=False)
     assert resp.status == 200
     assert API_TOKEN.encode() not in resp.body and API_KEY.encode() not in resp.body
-    result = subprocess.run([sys.executable, "-m", "stagedoor.cli", "openapi", "--policies",
-                             str(env.policies), "--config", str(env.config)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60,
+    result = forkserver.run([sys.executable, "-m", "stagedoor.cli", "openapi", "--policies",
+                             str(env.policies), "--config", str(env.config)], text=True,
                             env={**_clean_env(), **env.env})
     assert result.returncode == 0, result.stderr
     assert API_TOKEN not in result.stdout and API_KEY not in result.stdout
@@ -476,9 +475,8 @@ def _clean_env() -> dict[str, str]:
 
 
 def _explain(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "stagedoor.cli", "explain", "--policies",
-                           str(env.policies), "--config", str(env.config), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60,
+    return forkserver.run([sys.executable, "-m", "stagedoor.cli", "explain", "--policies",
+                           str(env.policies), "--config", str(env.config), *args], text=True,
                           env={**_clean_env(), **env.env})
 
 

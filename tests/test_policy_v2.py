@@ -19,6 +19,8 @@ from stagedoor.policy import PolicyLoadError, Secret, load_policies
 from stagedoor.query import QueryPolicy, QueryRejected, QueryRule, shape_query
 from stagedoor.response_rules import DEFAULT_RESPONSE_RULE, ResponseRule, filter_response_fields
 
+from . import forkserver
+
 CONFIG = Config(data={"notes": {"url": "http://127.0.0.1:9000", "remote": "http://api.example.com",
                                 "token": "s3cret-upstream-token"}},
                 files=("config/app-config.yaml",))
@@ -497,7 +499,6 @@ _PROPERTY_POLICIES = None
 
 
 def test_check_prints_warnings_and_still_passes(tmp_path):
-    import subprocess
     import sys
 
     policies = tmp_path / "policies"
@@ -516,10 +517,8 @@ def test_check_prints_warnings_and_still_passes(tmp_path):
         """))
     config = tmp_path / "app-config.yaml"
     config.write_text("backend:\n  baseUrl: http://127.0.0.1:7007\nw:\n  token: s3cret-w-token\n")
-    result = subprocess.run([sys.executable, "-m", "stagedoor_addons", "check", "--config",
-                             str(config), "--policies", str(policies)],
-                            cwd=Path(__file__).parent.parent, capture_output=True, text=True,
-                            timeout=60)
+    result = forkserver.run([sys.executable, "-m", "stagedoor_addons", "check", "--config",
+                             str(config), "--policies", str(policies)], text=True)
     assert result.returncode == 0, result.stderr
     assert f"{policies}/w.yaml:6: warning: tls.insecureSkipVerify" in result.stderr
     assert f"{policies}/w.yaml:9: warning: a secret is sent to http://api.example.com over " \

@@ -13,6 +13,7 @@ import pytest
 
 from stagedoor.devkeys import generate_dev_keys, mint_user_token
 
+from . import forkserver
 from .conftest import RecordingServer, Sidecar, start_sidecar, write_config
 from .httpraw import RawResponse, request
 from .redisserver import RedisServer
@@ -275,15 +276,13 @@ def test_trusted_proxy_forwarded_for_picks_the_client(fleet: Fleet) -> None:
 
 def test_explain_shows_the_limit_without_consuming_it(fleet: Fleet, redis_server: RedisServer
                                                       ) -> None:
-    import subprocess
     import sys
     configs = fleet.config("explain", redis_store(redis_server))
     args = [sys.executable, "-m", "stagedoor.cli", "explain", "GET", "/api/limited/items/x",
             "--user", "user:default/jane", "--policies", str(fleet.policies)]
     for config in configs:
         args += ["--config", str(config)]
-    outputs = [subprocess.run(args, capture_output=True, text=True, timeout=60,
-                              stdin=subprocess.DEVNULL) for _ in range(2)]
+    outputs = [forkserver.run(args, text=True) for _ in range(2)]
     for out in outputs:
         assert out.returncode == 0, out.stderr
         assert "per-principal" in out.stdout and "10 per 1h by principal" in out.stdout
