@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,17 @@ def _status_field(pid: int, name: str) -> str:
         if line.startswith(name + ":"):
             return line.split(":", 1)[1].strip()
     raise AssertionError(f"no {name} in /proc/{pid}/status")
+
+
+def _settled_status_field(pid: int, name: str, samples: int = 15) -> str:
+    """The value a field holds most of the time: glibc's ``pthread_create`` blocks every signal
+    in the thread that starts another for the moment it takes (seen once in twenty runs: SigBlk
+    fffffffffffbfeff in the forked sidecar), which a single read can catch."""
+    seen = []
+    for _ in range(samples):
+        seen.append(_status_field(pid, name))
+        time.sleep(0.01)
+    return Counter(seen).most_common(1)[0][0]
 
 
 def _fd_targets(pid: int) -> dict[int, str]:
@@ -118,7 +131,8 @@ def test_a_forked_sidecar_has_the_signals_descriptors_and_exit_of_a_fresh_one(tm
         # Signal handling: blocked, ignored and caught signals as in a fresh interpreter that
         # ran the same command.
         for name in ("SigBlk", "SigIgn", "SigCgt"):
-            assert _status_field(forked.proc.pid, name) == _status_field(fresh.proc.pid, name), name
+            assert _settled_status_field(forked.proc.pid, name) == \
+                _settled_status_field(fresh.proc.pid, name), name
         # Descriptors: stdin is /dev/null, stdout and stderr are pipes, and nothing of the
         # server's (its control socket) is left open in the child.
         targets = _fd_targets(forked.proc.pid)
