@@ -326,7 +326,7 @@ def start_sidecar(config_files: list[Path], policy_dir: Path, env: dict[str, str
                 if not k.startswith(("INSIGHTS_", "BACKSTAGE_"))}
     full_env.update(env or {})
     full_env["PYTHONUNBUFFERED"] = "1"
-    proc: subprocess.Popen[bytes] | forkserver.ForkedProcess | subprocess.Popen[Any]
+    proc: subprocess.Popen[Any] | forkserver.ForkedProcess
     if fork:  # the same command, its imports done once per worker (where the platform can)
         proc = forkserver.popen(args, env=full_env)
     else:
