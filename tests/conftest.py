@@ -326,12 +326,7 @@ def start_sidecar(config_files: list[Path], policy_dir: Path, env: dict[str, str
                 if not k.startswith(("INSIGHTS_", "BACKSTAGE_"))}
     full_env.update(env or {})
     full_env["PYTHONUNBUFFERED"] = "1"
-    proc: subprocess.Popen[Any] | forkserver.ForkedProcess
-    if fork:  # the same command, its imports done once per worker (where the platform can)
-        proc = forkserver.popen(args, env=full_env)
-    else:
-        proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    proc = forkserver.popen(args, env=full_env, fork=fork)
     sidecar = Sidecar(proc, "", 0)
     assert proc.stderr is not None and proc.stdout is not None
     # Pump both pipes from the start and look for the address in what arrived: a select() on

@@ -267,12 +267,13 @@ def forkable(args: list[str]) -> bool:
 
 
 def popen(args: list[str], *, cwd: Path = ROOT, env: dict[str, str] | None = None,
-          text: bool = False, stderr_to_stdout: bool = False
+          text: bool = False, stderr_to_stdout: bool = False, fork: bool = True
           ) -> ForkedProcess | subprocess.Popen[Any]:
     """``subprocess.Popen(args, stdin=DEVNULL, stdout=PIPE, stderr=PIPE or STDOUT)``, forked
-    from this worker's fork server where it can be (see the module docstring)."""
+    from this worker's fork server where it can be (see the module docstring); ``fork=False``
+    for a fresh interpreter."""
     env = dict(os.environ if env is None else env)
-    if supported() and forkable(args):
+    if fork and supported() and forkable(args):
         return server().spawn(args, env, Path(cwd), stderr_to_stdout=stderr_to_stdout, text=text)
     return subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE,
